@@ -1,0 +1,70 @@
+"""speculators-core: build, train, convert, evaluate and store speculative-decoding drafts.
+
+The public API. Importing this package builds no plugin host and imports no plugin; it only
+teaches transformers' ``AutoConfig`` to recognise speculators folders (see
+:func:`speculators_core.model.install_auto_config_loader`).
+"""
+
+from speculators_core.config import (
+    GreedyTokenProposalConfig,
+    SpeculatorModelConfig,
+    SpeculatorsConfig,
+    TokenProposalConfig,
+    VerifierConfig,
+    core_version,
+    layer_config_from_dict,
+    load_config,
+)
+from speculators_core.drafting import DraftProposal, DraftSession
+from speculators_core.errors import (
+    ConfigError,
+    PluginError,
+    SpeculatorsError,
+    UnknownAlgorithmError,
+)
+from speculators_core.features import HiddenStateSpec
+from speculators_core.model import SpeculatorModel, TrainingStepOutput, install_auto_config_loader
+from speculators_core.plugins import (
+    Algorithm,
+    Converter,
+    PluginHost,
+    PluginSettings,
+    ProposalMethod,
+    get_host,
+    hookimpl,
+)
+from speculators_core.vocab import build_vocab_mapping, check_vocab_mapping, draft_to_target
+
+__version__ = core_version()
+
+install_auto_config_loader()
+
+__all__ = [
+    "Algorithm",
+    "ConfigError",
+    "Converter",
+    "DraftProposal",
+    "DraftSession",
+    "GreedyTokenProposalConfig",
+    "HiddenStateSpec",
+    "PluginError",
+    "PluginHost",
+    "PluginSettings",
+    "ProposalMethod",
+    "SpeculatorModel",
+    "SpeculatorModelConfig",
+    "SpeculatorsConfig",
+    "SpeculatorsError",
+    "TokenProposalConfig",
+    "TrainingStepOutput",
+    "UnknownAlgorithmError",
+    "VerifierConfig",
+    "__version__",
+    "build_vocab_mapping",
+    "check_vocab_mapping",
+    "draft_to_target",
+    "get_host",
+    "hookimpl",
+    "layer_config_from_dict",
+    "load_config",
+]

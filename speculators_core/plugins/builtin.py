@@ -1,0 +1,21 @@
+"""The core's own hook implementations, registered exactly as a third-party plugin's would be."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from speculators_core.config import GreedyTokenProposalConfig
+from speculators_core.plugins.hookspecs import hookimpl
+from speculators_core.plugins.records import ProposalMethod
+
+
+@hookimpl
+def speculators_register_proposal_methods() -> Sequence[ProposalMethod]:
+    """The greedy chain proposal (the method vLLM serves)."""
+    return [
+        ProposalMethod(
+            name="greedy",
+            config_class=GreedyTokenProposalConfig,
+            description="chain drafting of speculative_tokens tokens, each the draft's argmax",
+        )
+    ]

@@ -1,0 +1,64 @@
+"""Typed records that registration hooks return (instead of mutating global registries)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from speculators_core.config import SpeculatorModelConfig, TokenProposalConfig
+    from speculators_core.model import SpeculatorModel
+
+__all__ = ["Algorithm", "ConvertFunction", "Converter", "DetectFunction", "ProposalMethod"]
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    """A speculator algorithm: the value of ``speculators_model_type`` and its classes.
+
+    ``name`` is what checkpoints store as ``speculators_model_type`` and what users type
+    (``speculators train --algorithm NAME``). ``config_class`` must declare
+    ``speculators_model_type`` with that same name; ``model_class`` is the
+    :class:`~speculators_core.model.SpeculatorModel` subclass that implements it.
+    """
+
+    name: str
+    config_class: type[SpeculatorModelConfig]
+    model_class: type[SpeculatorModel]
+    description: str = ""
+    #: Filled in by the plugin host: "<distribution> <version>" of the plugin that registered it.
+    provided_by: str = field(default="", compare=False)
+
+
+@dataclass(frozen=True)
+class ProposalMethod:
+    """A token-proposal method: the value of ``proposal_type`` in ``proposal_methods``."""
+
+    name: str
+    config_class: type[TokenProposalConfig]
+    description: str = ""
+    provided_by: str = field(default="", compare=False)
+
+
+#: ``detect(source_folder, config_dict)`` returns True when the folder is in this converter's format.
+DetectFunction = Callable[[Path, dict[str, Any]], bool]
+#: ``convert(source, *, verifier, output, **options)`` writes a speculators-format folder at ``output``.
+ConvertFunction = Callable[..., None]
+
+
+@dataclass(frozen=True)
+class Converter:
+    """A converter from a third-party checkpoint layout into the speculators format.
+
+    ``name`` is the value of ``speculators convert --from NAME``; ``algorithm`` is the
+    ``speculators_model_type`` the converted checkpoint has.
+    """
+
+    name: str
+    algorithm: str
+    detect: DetectFunction
+    convert: ConvertFunction
+    description: str = ""
+    provided_by: str = field(default="", compare=False)
