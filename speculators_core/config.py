@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import json
 import os
 import typing
@@ -137,21 +138,41 @@ class GreedyTokenProposalConfig(TokenProposalConfig):
     accept_tolerance: float = 0.0
 
 
-def _proposal_from_value(value: Any, info: pydantic.ValidationInfo) -> TokenProposalConfig:
-    if isinstance(value, TokenProposalConfig):
-        return value
-    if not isinstance(value, Mapping):
-        raise ValueError("each proposal method must be an object with a 'proposal_type'")
-    kind = value.get("proposal_type")
-    if not isinstance(kind, str):
-        raise ValueError("missing 'proposal_type'")
+def _validate_proposals(
+    value: list[Any], info: pydantic.ValidationInfo
+) -> list[TokenProposalConfig]:
+    """Validate each entry with the config class its ``proposal_type`` names (via the host)."""
+    from speculators_core.errors import PluginError
+
     host = (info.context or {}).get("host")
     if host is None:
         from speculators_core.plugins.host import get_host
 
         host = get_host()
-    method = host.proposal_method(kind)
-    return method.config_class.model_validate(dict(value))
+    # Already-built entries are re-validated from their dump, so every entry goes through the
+    # class registered for its proposal_type and errors carry the entry index
+    # (proposal_methods.0.speculative_tokens).
+    entries = [e.model_dump() if isinstance(e, TokenProposalConfig) else e for e in value]
+    classes: dict[str, type[TokenProposalConfig]] = {}
+    for entry in entries:
+        if not isinstance(entry, Mapping) or not isinstance(entry.get("proposal_type"), str):
+            raise ValueError("each proposal method must be an object with a string 'proposal_type'")
+        try:
+            classes[entry["proposal_type"]] = host.proposal_method(
+                entry["proposal_type"]
+            ).config_class
+        except PluginError as err:  # pydantic reports ValueErrors as field errors
+            raise ValueError(str(err)) from err
+    choices = tuple(classes.values())
+    if not choices:
+        return []
+    item: Any = choices[0]
+    if len(choices) > 1:
+        item = typing.Annotated[
+            typing.Union[choices],  # noqa: UP007 - built from a runtime tuple
+            Field(discriminator="proposal_type"),
+        ]
+    return pydantic.TypeAdapter(list[item]).validate_python(entries)  # type: ignore[valid-type]
 
 
 class SpeculatorsConfig(BaseModel):
@@ -169,7 +190,7 @@ class SpeculatorsConfig(BaseModel):
     def _resolve_proposals(cls, value: Any, info: pydantic.ValidationInfo) -> Any:
         if not isinstance(value, list):
             return value
-        return [_proposal_from_value(v, info) for v in value]
+        return _validate_proposals(value, info)
 
     @pydantic.model_validator(mode="after")
     def _default_is_listed(self) -> SpeculatorsConfig:
@@ -397,7 +418,7 @@ def _own_type_hints(cls: type) -> dict[str, Any]:
         if not (isinstance(klass, type) and issubclass(klass, SpeculatorModelConfig)):
             continue
         module_globals = vars(sys.modules[klass.__module__])
-        for name, annotation in klass.__dict__.get("__annotations__", {}).items():
+        for name, annotation in inspect.get_annotations(klass).items():
             if isinstance(annotation, str):
                 try:
                     annotation = eval(annotation, module_globals, dict(vars(typing)))

@@ -220,7 +220,7 @@ def register_auto_classes(algorithm: Algorithm) -> None:
     key = f"speculators-{algorithm.name}"
     if config_cls.model_type != key:
         # Each algorithm needs its own registry key; set it on the class (it is never written).
-        config_cls.model_type = key  # type: ignore[misc]
+        config_cls.model_type = key
     AutoConfig.register(key, config_cls, exist_ok=True)
     AutoModel.register(config_cls, algorithm.model_class, exist_ok=True)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from speculators_core.config import GreedyTokenProposalConfig
 from speculators_core.plugins.hookspecs import hookimpl
@@ -19,3 +20,12 @@ def speculators_register_proposal_methods() -> Sequence[ProposalMethod]:
             description="chain drafting of speculative_tokens tokens, each the draft's argmax",
         )
     ]
+
+
+@hookimpl
+def speculators_training_callbacks(args: Any) -> Sequence[Any]:
+    """The core's training behaviours: flow, checkpoints, early stopping, metrics, progress."""
+    # Imported here so that building a plugin host does not import the training engine.
+    from speculators_core.train.builtin_callbacks import builtin_callbacks
+
+    return builtin_callbacks(args)

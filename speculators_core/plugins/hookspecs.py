@@ -1,3 +1,4 @@
+# mypy: disable-error-code="empty-body"
 """Every hook that speculators plugins can implement, in one place.
 
 Hooks are called with keyword arguments only. An implementation may accept any subset of a

@@ -226,14 +226,22 @@ class PluginHost:
             self._register(pm, name, obj, f"plugin {name}")
         if self._use_entry_points:
             self._load_entry_points(pm)
-        try:
-            pm.check_pending()
-        except pluggy.PluginValidationError as err:
-            who = self._provenance.get(err.plugin_name, err.plugin_name)
-            raise PluginError(
-                f"plugin {err.plugin_name} ({who}) implements an unknown hook: {err}"
-            ) from err
+        self._check_pending(pm)
         return pm
+
+    def _check_pending(self, pm: pluggy.PluginManager) -> None:
+        """Refuse plugins that implement hooks no spec defines (typos, stale hook names)."""
+        while True:
+            try:
+                pm.check_pending()
+                return
+            except pluggy.PluginValidationError as err:
+                name = pm.get_name(err.plugin) or "?"
+                info = self._infos.get(name)
+                if info is None:  # a built-in or directly registered plugin: a programming error
+                    raise PluginError(f"plugin {name}: {err}") from err
+                pm.unregister(err.plugin)
+                self._fail(info, err)
 
     def _register(self, pm: pluggy.PluginManager, name: str, obj: object, provided_by: str) -> None:
         pm.register(obj, name=name)
@@ -359,7 +367,7 @@ class PluginHost:
     ) -> PluginError:
         """The error for selecting ``name`` of ``kind`` that no loaded plugin provides."""
         names = ", ".join(sorted(installed)) or "none"
-        for key, failure in self.failures.items():
+        for failure in self.failures.values():
             if failure.entry_point.name == name and (
                 group is None or failure.entry_point.group == group
             ):
@@ -376,9 +384,8 @@ class PluginHost:
                 )
         hint = KNOWN_DISTRIBUTIONS.get(name)
         install = f"install {hint}" if hint else "install the distribution that provides it"
-        return UnknownAlgorithmError(
-            f"no installed plugin provides {kind} '{name}' (installed: {names}); {install}"
-        )
+        message = f"no installed plugin provides {kind} '{name}' (installed: {names}); {install}"
+        return UnknownAlgorithmError(message) if kind == "algorithm" else PluginError(message)
 
     def algorithm(self, name: str) -> Algorithm:
         """The algorithm called ``name``; a clear error if it is missing, broken or blocked."""

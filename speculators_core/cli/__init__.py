@@ -1,0 +1,1 @@
+"""The ``speculators`` command line (click)."""
