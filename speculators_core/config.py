@@ -172,7 +172,7 @@ def _validate_proposals(
             typing.Union[choices],  # noqa: UP007 - built from a runtime tuple
             Field(discriminator="proposal_type"),
         ]
-    return pydantic.TypeAdapter(list[item]).validate_python(entries)  # type: ignore[valid-type]
+    return pydantic.TypeAdapter(list[item]).validate_python(entries)
 
 
 class SpeculatorsConfig(BaseModel):
