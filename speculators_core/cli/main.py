@@ -29,6 +29,11 @@ __all__ = ["BUILTIN_COMMANDS", "cli", "main"]
 #: Built-in commands: name -> "module:attribute", imported on use so ``--help`` stays fast.
 BUILTIN_COMMANDS: dict[str, str] = {
     "plugins": "speculators_core.cli.plugins_cmd:plugins_command",
+    "data": "speculators_core.cli.data:data_group",
+    "train": "speculators_core.cli.train:train_command",
+    "eval": "speculators_core.cli.eval_cmd:eval_command",
+    "check": "speculators_core.cli.check:check_command",
+    "serve": "speculators_core.cli.serve:serve_command",
 }
 
 

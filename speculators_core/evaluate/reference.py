@@ -1,0 +1,370 @@
+"""A reference speculative decoder in plain PyTorch + transformers.
+
+The verifier is any transformers causal LM; the draft is any installed algorithm's
+:class:`~speculators_core.drafting.DraftSession`. Each round the draft proposes ``k`` tokens
+(chain drafting), the verifier scores them in one cached forward, and the standard rule decides
+what is kept:
+
+* greedy (``temperature == 0``): keep the longest prefix of drafted tokens equal to the
+  verifier's argmax, then emit the verifier's own argmax at the first mismatch (or the bonus
+  token after ``k`` accepts). The output is exactly the verifier's greedy output.
+* sampled: accept drafted token ``d`` with probability ``min(1, p(d) / q(d))``; on rejection
+  emit a token drawn from ``normalize(max(0, p - q))``; after ``k`` accepts draw the bonus token
+  from ``p`` (Leviathan et al. 2023). The output is distributed exactly as the verifier's.
+
+Both sides keep KV caches: the verifier's is cropped back to the accepted prefix after each
+round, the draft session discards its speculative positions on the next ``extend``. Sequences
+are decoded one at a time (batch size 1); :func:`evaluate_prompts` runs a list of prompts.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from speculators_core.features import HiddenStateSpec
+
+__all__ = [
+    "DecodeStats",
+    "GenerationResult",
+    "ReferenceDecoder",
+    "accept_greedy",
+    "accept_sampled",
+]
+
+
+@dataclass
+class DecodeStats:
+    """Acceptance and speed counters, summable over sequences.
+
+    ``accepted_per_position[i]`` counts the rounds whose drafted token ``i`` (0-based) was
+    accepted; a round accepts a prefix, so the list is non-increasing. The mean acceptance length
+    (tokens per verifier forward in a drafting round) is ``1 + sum(accepted) / rounds``, the
+    same quantity vLLM reports as "mean acceptance length".
+    """
+
+    k: int
+    rounds: int = 0
+    accepted_per_position: list[int] = field(default_factory=list)
+    new_tokens: int = 0
+    verifier_forwards: int = 0
+    wall_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.accepted_per_position:
+            self.accepted_per_position = [0] * self.k
+
+    def add_round(self, accepted: int) -> None:
+        """Record one drafting round in which ``accepted`` drafted tokens were kept."""
+        self.rounds += 1
+        for i in range(accepted):
+            self.accepted_per_position[i] += 1
+
+    def merge(self, other: DecodeStats) -> None:
+        """Add another sequence's counters to these."""
+        if other.k != self.k:
+            raise ValueError(f"cannot merge stats for k={other.k} into k={self.k}")
+        self.rounds += other.rounds
+        self.accepted_per_position = [
+            a + b for a, b in zip(self.accepted_per_position, other.accepted_per_position)
+        ]
+        self.new_tokens += other.new_tokens
+        self.verifier_forwards += other.verifier_forwards
+        self.wall_s += other.wall_s
+
+    @property
+    def num_accepted(self) -> int:
+        """Drafted tokens accepted in all rounds."""
+        return sum(self.accepted_per_position)
+
+    @property
+    def mean_acceptance_length(self) -> float:
+        """Tokens emitted per drafting round (1 + accepted drafted tokens per round)."""
+        return 1.0 + self.num_accepted / self.rounds if self.rounds else float("nan")
+
+    @property
+    def acceptance_rate_per_position(self) -> list[float]:
+        """Fraction of rounds in which drafted token ``i`` was accepted (cumulative acceptance)."""
+        return [
+            a / self.rounds if self.rounds else float("nan") for a in self.accepted_per_position
+        ]
+
+    @property
+    def conditional_acceptance_per_position(self) -> list[float]:
+        """P(token ``i`` accepted | tokens ``< i`` accepted)."""
+        out: list[float] = []
+        previous = self.rounds
+        for a in self.accepted_per_position:
+            out.append(a / previous if previous else float("nan"))
+            previous = a
+        return out
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Generated tokens per second of wall time."""
+        return self.new_tokens / self.wall_s if self.wall_s > 0 else float("nan")
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready summary."""
+        return {
+            "k": self.k,
+            "rounds": self.rounds,
+            "new_tokens": self.new_tokens,
+            "verifier_forwards": self.verifier_forwards,
+            "wall_s": self.wall_s,
+            "tokens_per_second": self.tokens_per_second,
+            "mean_acceptance_length": self.mean_acceptance_length,
+            "accepted_per_position": list(self.accepted_per_position),
+            "acceptance_rate_per_position": self.acceptance_rate_per_position,
+            "conditional_acceptance_per_position": self.conditional_acceptance_per_position,
+        }
+
+
+@dataclass
+class GenerationResult:
+    """The generated token ids of one prompt and its counters."""
+
+    tokens: list[int]
+    stats: DecodeStats
+
+
+def accept_greedy(draft_tokens: torch.Tensor, target_logits: torch.Tensor) -> tuple[int, int]:
+    """Greedy verification of one round.
+
+    ``draft_tokens`` is ``[k]``; ``target_logits`` is ``[k+1, V]`` (row ``i`` is the verifier's
+    prediction after drafted token ``i``, row 0 after the last verified token). Returns
+    ``(accepted, next_token)``.
+    """
+    target = target_logits.argmax(dim=-1)
+    k = draft_tokens.shape[0]
+    accepted = 0
+    while accepted < k and int(draft_tokens[accepted]) == int(target[accepted]):
+        accepted += 1
+    return accepted, int(target[accepted])
+
+
+def accept_sampled(
+    draft_tokens: torch.Tensor,
+    draft_probs: torch.Tensor,
+    target_probs: torch.Tensor,
+    generator: torch.Generator | None = None,
+) -> tuple[int, int]:
+    """Rejection-sampling verification of one round (Leviathan et al. 2023, algorithm 1).
+
+    ``draft_probs`` is ``[k, V]`` (the distributions the drafted tokens were drawn from),
+    ``target_probs`` is ``[k+1, V]``. Returns ``(accepted, next_token)``; the emitted tokens are
+    distributed exactly as sampling from the verifier alone.
+    """
+    k = draft_tokens.shape[0]
+    for i in range(k):
+        token = int(draft_tokens[i])
+        p, q = float(target_probs[i, token]), float(draft_probs[i, token])
+        u = float(torch.rand((), generator=generator))
+        if q > 0 and u < min(1.0, p / q):
+            continue
+        residual = (target_probs[i] - draft_probs[i]).clamp(min=0)
+        total = float(residual.sum())
+        # p == q everywhere leaves no residual mass; then rejection has probability 0, so this
+        # branch is only reached through floating-point noise: fall back to p itself.
+        weights = residual / total if total > 0 else target_probs[i]
+        return i, int(torch.multinomial(weights, 1, generator=generator))
+    return k, int(torch.multinomial(target_probs[k], 1, generator=generator))
+
+
+class _StateRecorder:
+    """Records the verifier hidden states a spec asks for during a full causal-LM forward."""
+
+    def __init__(self, model: nn.Module, spec: HiddenStateSpec) -> None:
+        from speculators_core.data.capture import decoder_parts
+
+        _decoder, self.layers, self.norm = decoder_parts(model)
+        self.num_layers = len(self.layers)
+        spec.validate(self.num_layers)
+        self.spec = spec
+        self._got: dict[int, torch.Tensor] = {}
+        self._handles: list[Any] = []
+        last = len(spec.layer_ids) - 1
+        for pos, k in enumerate(spec.layer_ids):
+            if k < self.num_layers:
+                self._handles.append(
+                    self.layers[k].register_forward_pre_hook(self._pre(pos), with_kwargs=True)
+                )
+            elif spec.post_norm_last and pos == last:
+                self._handles.append(self.norm.register_forward_hook(self._post(pos)))
+            else:
+                self._handles.append(self.norm.register_forward_pre_hook(self._norm_in(pos)))
+
+    def _pre(self, pos: int) -> Any:
+        def hook(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            self._got[pos] = args[0] if args else kwargs["hidden_states"]
+
+        return hook
+
+    def _norm_in(self, pos: int) -> Any:
+        def hook(_m: nn.Module, args: tuple[Any, ...]) -> None:
+            self._got[pos] = args[0]
+
+        return hook
+
+    def _post(self, pos: int) -> Any:
+        def hook(_m: nn.Module, _args: tuple[Any, ...], out: torch.Tensor) -> None:
+            self._got[pos] = out
+
+        return hook
+
+    def take(self) -> torch.Tensor:
+        """The states of the last forward as ``[B, T, n, H]``."""
+        states = torch.stack([self._got[pos] for pos in range(len(self.spec.layer_ids))], dim=2)
+        self._got.clear()
+        return states
+
+    def close(self) -> None:
+        """Remove the hooks."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+
+class ReferenceDecoder:
+    """Speculative decoding with a transformers verifier and a speculator's drafting session.
+
+    ``draft=None`` decodes with the verifier alone (same code path for caches and sampling), the
+    baseline for speed and for losslessness checks.
+    """
+
+    def __init__(
+        self,
+        verifier: nn.Module,
+        draft: Any | None = None,
+        *,
+        k: int = 3,
+        eos_token_ids: Iterable[int] = (),
+    ) -> None:
+        if k < 1:
+            raise ValueError(f"k (draft tokens per round) must be at least 1, got {k}")
+        self.verifier = verifier.eval()
+        self.draft = draft.eval() if draft is not None else None
+        self.k = k
+        self.eos = set(eos_token_ids)
+
+    def _new_cache(self) -> Any:
+        from transformers import DynamicCache
+
+        config: Any = self.verifier.config
+        return DynamicCache(config=config)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompt_ids: Sequence[int] | torch.Tensor,
+        *,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        generator: torch.Generator | None = None,
+    ) -> GenerationResult:
+        """Generate up to ``max_new_tokens`` tokens after ``prompt_ids`` (stops after EOS)."""
+        prompt = torch.as_tensor(
+            list(prompt_ids) if not isinstance(prompt_ids, torch.Tensor) else prompt_ids
+        )
+        prompt = prompt.reshape(1, -1).long().to(self._device)
+        if prompt.shape[1] == 0:
+            raise ValueError("cannot generate from an empty prompt")
+        stats = DecodeStats(k=self.k)
+        start = time.perf_counter()
+        recorder = (
+            _StateRecorder(self.verifier, self.draft.hidden_state_spec())
+            if self.draft is not None
+            else None
+        )
+        try:
+            tokens = self._decode(prompt, max_new_tokens, temperature, generator, stats, recorder)
+        finally:
+            if recorder is not None:
+                recorder.close()
+        stats.wall_s = time.perf_counter() - start
+        stats.new_tokens = len(tokens)
+        return GenerationResult(tokens=tokens, stats=stats)
+
+    @property
+    def _device(self) -> torch.device:
+        return next(self.verifier.parameters()).device
+
+    def _probs(self, logits: torch.Tensor, temperature: float) -> torch.Tensor:
+        return torch.softmax(logits.float() / temperature, dim=-1)
+
+    def _pick(
+        self, logits: torch.Tensor, temperature: float, generator: torch.Generator | None
+    ) -> int:
+        if temperature <= 0:
+            return int(logits.argmax())
+        return int(torch.multinomial(self._probs(logits, temperature), 1, generator=generator))
+
+    def _decode(
+        self,
+        prompt: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float,
+        generator: torch.Generator | None,
+        stats: DecodeStats,
+        recorder: _StateRecorder | None,
+    ) -> list[int]:
+        cache = self._new_cache()
+        out = self.verifier(input_ids=prompt, past_key_values=cache, use_cache=True)
+        stats.verifier_forwards += 1
+        emitted = [self._pick(out.logits[0, -1], temperature, generator)]
+        cached = prompt.shape[1]  # positions whose KV the verifier cache holds
+        session = None
+        if self.draft is not None and recorder is not None:
+            session = self.draft.draft_session(batch_size=1)
+            first = torch.tensor([[emitted[0]]], device=prompt.device)
+            session.extend(torch.cat([prompt, first], dim=1), recorder.take())
+        while len(emitted) < max_new_tokens and emitted[-1] not in self.eos:
+            last = torch.tensor([[emitted[-1]]], device=prompt.device)
+            if session is None:
+                out = self.verifier(input_ids=last, past_key_values=cache, use_cache=True)
+                stats.verifier_forwards += 1
+                cached += 1
+                emitted.append(self._pick(out.logits[0, -1], temperature, generator))
+                continue
+            proposal = session.propose(self.k, temperature=temperature, generator=generator)
+            drafted = proposal.tokens[0].to(prompt.device)  # [k]
+            out = self.verifier(
+                input_ids=torch.cat([last, drafted[None]], dim=1),
+                past_key_values=cache,
+                use_cache=True,
+            )
+            stats.verifier_forwards += 1
+            assert recorder is not None
+            states = recorder.take()  # [1, k+1, n, H]
+            logits = out.logits[0]  # [k+1, V]
+            if temperature <= 0:
+                accepted, next_token = accept_greedy(drafted, logits)
+            else:
+                accepted, next_token = accept_sampled(
+                    drafted,
+                    self._probs(proposal.logits[0], temperature),
+                    self._probs(logits, temperature),
+                    generator,
+                )
+            stats.add_round(accepted)
+            # Keep the KV of the last verified token and of the accepted drafted tokens; drop the
+            # rejected drafted positions.
+            cached += accepted + 1
+            if accepted < self.k:
+                cache.crop(-(self.k - accepted))
+            new_tokens = [*drafted[:accepted].tolist(), next_token]
+            session.extend(
+                torch.tensor([new_tokens], device=prompt.device), states[:, : accepted + 1]
+            )
+            emitted.extend(new_tokens)
+        # Truncate to the budget and just after the first end-of-sequence token.
+        emitted = emitted[:max_new_tokens]
+        for i, token in enumerate(emitted):
+            if token in self.eos:
+                return emitted[: i + 1]
+        return emitted
