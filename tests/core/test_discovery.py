@@ -6,17 +6,24 @@ import json
 
 from _support import run_cli, run_python
 
+FIXTURE_DISTS = {"speculators-fixture-good", "speculators-fixture-broken"}
+
+
+def _fixture_rows(stdout: str) -> list[dict]:
+    """Rows of ``plugins --json`` from the fixture distributions (real plugins may be installed too)."""
+    return [r for r in json.loads(stdout) if r["distribution"] in FIXTURE_DISTS]
+
 
 def test_installed_plugins_are_discovered(fixture_site):
     code = (
         "from speculators_core import get_host;"
         "h = get_host();"
-        "print(sorted(h.algorithms()), sorted(h.failures), h.provided_by('speculators.algorithms:fixture-mlp'))"
+        "print('fixture-mlp' in h.algorithms(), sorted(h.failures), h.provided_by('speculators.algorithms:fixture-mlp'))"
     )
     out = run_python(code, site=fixture_site)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == (
-        "['fixture-mlp'] ['speculators.algorithms:broken-algo'] speculators-fixture-good 0.1.0"
+        "True ['speculators.algorithms:broken-algo'] speculators-fixture-good 0.1.0"
     )
     # The broken plugin is reported once, as one warning line naming group:name, distribution,
     # version and the exception.
@@ -59,7 +66,7 @@ def test_help_and_plugins_work_with_a_broken_plugin(fixture_site):
 def test_plugins_json_is_valid_and_complete(fixture_site):
     out = run_cli(["plugins", "--json"], site=fixture_site)
     assert out.returncode == 0, out.stderr
-    rows = json.loads(out.stdout)
+    rows = _fixture_rows(out.stdout)
     by_key = {(r["group"], r["name"]): r for r in rows}
     assert set(by_key) == {
         ("speculators.algorithms", "broken-algo"),
@@ -94,7 +101,7 @@ def test_block_list_skips_the_broken_plugin(fixture_site):
     }
     out = run_cli(["plugins", "--json"], site=fixture_site, env=env)
     assert out.returncode == 0, out.stderr
-    statuses = {r["name"]: r["status"] for r in json.loads(out.stdout)}
+    statuses = {r["name"]: r["status"] for r in _fixture_rows(out.stdout)}
     assert statuses == {
         "broken-algo": "disabled",
         "broken-cmd": "disabled",
@@ -109,7 +116,7 @@ def test_allow_list_loads_only_what_it_names(fixture_site):
         ["plugins", "--json"], site=fixture_site, env={"SPECULATORS_LOAD_PLUGINS": "fixture-mlp"}
     )
     assert out.returncode == 0, out.stderr
-    statuses = {r["name"]: r["status"] for r in json.loads(out.stdout)}
+    statuses = {r["name"]: r["status"] for r in _fixture_rows(out.stdout)}
     assert statuses == {
         "broken-algo": "disabled",
         "broken-cmd": "disabled",
@@ -166,3 +173,13 @@ print(type(again).__name__, all(torch.equal(a, b) for a, b in zip(m.state_dict()
     out = run_python(code, site=fixture_site)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "FixtureMlpSpeculator True"
+
+
+def test_the_repository_plugins_are_installed_and_load():
+    """The real plugin distributions of this repository are discovered (strict: none may fail)."""
+    out = run_cli(["plugins", "--json"], env={"SPECULATORS_STRICT_PLUGINS": "1"})
+    assert out.returncode == 0, out.stderr
+    rows = {(r["group"], r["name"]): r for r in json.loads(out.stdout)}
+    eagle3 = rows[("speculators.algorithms", "eagle3")]
+    assert eagle3["distribution"] == "speculators-eagle3" and eagle3["status"] == "ok"
+    assert eagle3["hooks"] == ["speculators_register_algorithms"]

@@ -1,0 +1,815 @@
+"""The EAGLE-3 draft model, top to bottom: norms, MLP, attention, the two layer kinds, the model.
+
+Notation: ``B`` rows, ``T`` positions, ``H`` draft hidden size, ``Ht`` verifier hidden size,
+``n`` aux states, ``V`` verifier vocabulary, ``Vd`` draft vocabulary, ``S`` TTT steps.
+
+One draft step (FORMAT.md 3.2), for position ``t`` with next token ``x_{t+1}``:
+
+1. ``g_t = fc(aux_t)`` where ``aux_t`` (``[n*Ht]``) concatenates the verifier's aux states
+   (optionally RMS-normed as a whole, ``norm_before_fc``, or per state, ``fc_norm``); later
+   steps use the draft's own previous output instead of ``g_t``.
+2. Layer 0 reads ``[input_layernorm(embed(x_{t+1})), hidden_norm(g_t)]`` (``2H`` wide) in
+   attention; its residual stream starts from ``g_t`` (or the normed one with
+   ``norm_before_residual``). Layers 1.. are ordinary decoder layers.
+3. ``logits = lm_head(norm(h))`` over the draft vocabulary; ``d2t`` maps draft ids to verifier
+   ids. The state fed to the next step is ``h`` (``norm(h)`` with ``norm_output``).
+
+Tensor names are exactly those of the speculators format (FORMAT.md 1.4). ``verifier_norm`` and
+``verifier_lm_head`` (frozen copies used only for training targets) are never saved.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, cast
+
+import torch
+from torch import nn
+from transformers import initialization as hf_init
+from transformers.activations import ACT2FN
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+from transformers.models.qwen3.modeling_qwen3 import Qwen3RotaryEmbedding
+
+from speculators_core import (
+    ConfigError,
+    GreedyTokenProposalConfig,
+    HiddenStateSpec,
+    SpeculatorModel,
+    SpeculatorsConfig,
+    SpeculatorsError,
+    TrainingStepOutput,
+    VerifierConfig,
+    build_vocab_mapping,
+    check_vocab_mapping,
+)
+from speculators_eagle3.alignment import align_batch, shift_left
+from speculators_eagle3.attention import (
+    KVCache,
+    attend,
+    select_attention_implementation,
+    ttt_attention_mask,
+    ttt_block_mask,
+)
+from speculators_eagle3.config import DRAFT_LAYER_TYPES, Eagle3SpeculatorConfig
+from speculators_eagle3.loss import ttt_loss
+from speculators_eagle3.verifier import load_verifier_config, load_verifier_parts
+
+if TYPE_CHECKING:
+    from speculators_eagle3.drafting import Eagle3DraftSession
+
+__all__ = ["Eagle3DraftModel", "default_aux_layer_ids"]
+
+logger = logging.getLogger(__name__)
+
+_BATCH_KEYS = ("input_ids", "hidden_states", "loss_mask", "position_ids", "document_ids")
+
+
+def default_aux_layer_ids(num_verifier_layers: int) -> list[int]:
+    """The aux layer ids vLLM and upstream use by default: ``[2, N // 2, N - 3]``."""
+    n = num_verifier_layers
+    return [2, n // 2, n - 3]
+
+
+# ------------------------------------------------------------------------------------------------
+# Building blocks
+# ------------------------------------------------------------------------------------------------
+
+
+class Eagle3RMSNorm(nn.Module):
+    """``weight * x / sqrt(mean(x^2) + eps)``, computed in fp32 (as Llama/Qwen3 do)."""
+
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+
+class Eagle3MLP(nn.Module):
+    """Gated MLP: ``down(act(gate(x)) * up(x))``."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, act: str, bias: bool) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
+        self.act_fn = ACT2FN[act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE on ``x`` ``[B, heads, T, d]`` with ``cos``/``sin`` ``[B, T, d]``."""
+    cos, sin = cos[:, None], sin[:, None]
+    return x * cos + _rotate_half(x) * sin
+
+
+class Eagle3Attention(nn.Module):
+    """Grouped-query self-attention with RoPE (and Qwen3's per-head q/k norms)."""
+
+    def __init__(self, config: Any, input_size: int, *, qk_norm: bool) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim or config.hidden_size // config.num_attention_heads
+        self.scale = self.head_dim**-0.5
+        bias = bool(getattr(config, "attention_bias", False))
+        self.q_proj = nn.Linear(input_size, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(input_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(input_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
+        self.q_norm = Eagle3RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
+        self.k_norm = Eagle3RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [B, T, input_size]
+        rotary: tuple[torch.Tensor, torch.Tensor],
+        *,
+        layer_idx: int,
+        cache: KVCache,
+        mask: Any,
+        implementation: str,
+    ) -> torch.Tensor:
+        batch, length, _ = x.shape
+        query = self.q_proj(x).view(batch, length, self.num_heads, self.head_dim)
+        key = self.k_proj(x).view(batch, length, self.num_kv_heads, self.head_dim)
+        value = self.v_proj(x).view(batch, length, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None and self.k_norm is not None:
+            query, key = self.q_norm(query), self.k_norm(key)
+        cos, sin = rotary
+        query = apply_rotary(query.transpose(1, 2), cos, sin)  # [B, heads, T, d]
+        key = apply_rotary(key.transpose(1, 2), cos, sin)  # [B, kv_heads, T, d]
+        key, value = cache.update(layer_idx, key, value.transpose(1, 2))  # [B, kv, cached+T, d]
+        out = attend(query, key, value, mask, implementation=implementation, scale=self.scale)
+        return self.o_proj(out.reshape(batch, length, self.num_heads * self.head_dim))
+
+
+class Eagle3FirstLayer(nn.Module):
+    """Layer 0: attention over ``[normed embeddings, normed feature]`` (``2H`` inputs)."""
+
+    def __init__(self, config: Any, *, norm_before_residual: bool) -> None:
+        super().__init__()
+        hidden, eps = config.hidden_size, config.rms_norm_eps
+        self.norm_before_residual = norm_before_residual
+        self.input_layernorm = Eagle3RMSNorm(hidden, eps)  # applied to the token embeddings
+        self.hidden_norm = Eagle3RMSNorm(hidden, eps)  # applied to the feature
+        self.self_attn = Eagle3Attention(config, 2 * hidden, qk_norm=config.model_type == "qwen3")
+        self.post_attention_layernorm = Eagle3RMSNorm(hidden, eps)
+        self.mlp = Eagle3MLP(
+            hidden,
+            config.intermediate_size,
+            config.hidden_act,
+            bool(getattr(config, "mlp_bias", False)),
+        )
+
+    def forward(
+        self,
+        embeds: torch.Tensor,  # [B, T, H]
+        feature: torch.Tensor,  # [B, T, H]
+        rotary: tuple[torch.Tensor, torch.Tensor],
+        *,
+        cache: KVCache,
+        mask: Any,
+        implementation: str,
+    ) -> torch.Tensor:
+        normed_feature = self.hidden_norm(feature)
+        residual = normed_feature if self.norm_before_residual else feature
+        attn_in = torch.cat([self.input_layernorm(embeds), normed_feature], dim=-1)  # [B, T, 2H]
+        h = residual + self.self_attn(
+            attn_in, rotary, layer_idx=0, cache=cache, mask=mask, implementation=implementation
+        )
+        return h + self.mlp(self.post_attention_layernorm(h))  # [B, T, H]
+
+
+class Eagle3DecoderLayer(nn.Module):
+    """Layers 1..: a standard pre-norm decoder layer."""
+
+    def __init__(self, config: Any, layer_idx: int) -> None:
+        super().__init__()
+        hidden, eps = config.hidden_size, config.rms_norm_eps
+        self.layer_idx = layer_idx
+        self.input_layernorm = Eagle3RMSNorm(hidden, eps)
+        self.self_attn = Eagle3Attention(config, hidden, qk_norm=config.model_type == "qwen3")
+        self.post_attention_layernorm = Eagle3RMSNorm(hidden, eps)
+        self.mlp = Eagle3MLP(
+            hidden,
+            config.intermediate_size,
+            config.hidden_act,
+            bool(getattr(config, "mlp_bias", False)),
+        )
+
+    def forward(
+        self,
+        h: torch.Tensor,  # [B, T, H]
+        rotary: tuple[torch.Tensor, torch.Tensor],
+        *,
+        cache: KVCache,
+        mask: Any,
+        implementation: str,
+    ) -> torch.Tensor:
+        h = h + self.self_attn(
+            self.input_layernorm(h),
+            rotary,
+            layer_idx=self.layer_idx,
+            cache=cache,
+            mask=mask,
+            implementation=implementation,
+        )
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+# ------------------------------------------------------------------------------------------------
+# The model
+# ------------------------------------------------------------------------------------------------
+
+
+class Eagle3DraftModel(SpeculatorModel):
+    """An EAGLE-3 draft (``speculators_model_type: "eagle3"``).
+
+    Build one with :meth:`from_verifier`; load a saved one with
+    ``SpeculatorModel.from_pretrained(folder, verifier=verifier_folder)`` (the verifier is only
+    needed to train: it re-attaches the frozen target parts that are not saved).
+    """
+
+    config_class = Eagle3SpeculatorConfig
+    config: Eagle3SpeculatorConfig
+    # transformers declares these on PreTrainedModel and reads them from the class.
+    _keys_to_ignore_on_save = ["verifier_lm_head.weight", "verifier_norm.weight"]  # noqa: RUF012
+    # Not in every file: verifier parts never are; converter output may omit the embedding
+    # (vLLM then shares the verifier's) and t2d (vLLM ignores it).
+    _keys_to_ignore_on_load_missing = [  # noqa: RUF012
+        r"^verifier_lm_head\.weight$",
+        r"^verifier_norm\.weight$",
+        r"^embed_tokens\.weight$",
+        r"^t2d$",
+    ]
+    # speculators v0.3 wrote identity d2t/t2d even for full-vocabulary drafts.
+    _keys_to_ignore_on_load_unexpected = [r"^d2t$", r"^t2d$"]  # noqa: RUF012
+
+    d2t: torch.Tensor | None
+    t2d: torch.Tensor | None
+
+    def __init__(self, config: Eagle3SpeculatorConfig) -> None:
+        super().__init__(config)
+        layer_config = config.layer_config
+        hidden = layer_config.hidden_size
+        aux_width = config.aux_hidden_size
+        num_aux = config.num_aux_states
+        eps = layer_config.rms_norm_eps
+        vocab, draft_vocab = config.verifier_vocab_size, config.draft_vocab_size
+        if layer_config.model_type not in DRAFT_LAYER_TYPES:  # pragma: no cover - config checks
+            raise ConfigError(f"unsupported draft layer type '{layer_config.model_type}'")
+        if getattr(layer_config, "use_sliding_window", False):
+            raise ConfigError(
+                "config: transformer_layer_config.use_sliding_window is true; sliding-window "
+                "EAGLE-3 drafts are not supported, set it to false"
+            )
+
+        self.embed_tokens = nn.Embedding(vocab, hidden)  # [V, H], copied from the verifier
+        self.input_norm = Eagle3RMSNorm(num_aux * aux_width, eps) if config.norm_before_fc else None
+        self.fc_norm = (
+            nn.ModuleList(Eagle3RMSNorm(aux_width, eps) for _ in range(num_aux))
+            if config.fc_norm
+            else None
+        )
+        self.fc = nn.Linear(num_aux * aux_width, hidden, bias=False)  # [n*Ht] -> [H]
+        self.layers = nn.ModuleList(
+            [Eagle3FirstLayer(layer_config, norm_before_residual=config.norm_before_residual)]
+            + [
+                Eagle3DecoderLayer(layer_config, i)
+                for i in range(1, layer_config.num_hidden_layers)
+            ]
+        )
+        self.norm = Eagle3RMSNorm(hidden, eps)
+        self.lm_head = nn.Linear(hidden, draft_vocab, bias=False)  # [H] -> [Vd]
+        rotary_class = (
+            Qwen3RotaryEmbedding if layer_config.model_type == "qwen3" else LlamaRotaryEmbedding
+        )
+        self.rotary_emb = rotary_class(cast(Any, layer_config))
+
+        # Frozen verifier parts for the training targets (never saved).
+        self.verifier_norm = Eagle3RMSNorm(aux_width, eps)
+        self.verifier_lm_head = nn.Linear(aux_width, draft_vocab, bias=False)  # [Ht] -> [Vd]
+
+        if draft_vocab != vocab:
+            self.register_buffer("d2t", torch.zeros(draft_vocab, dtype=torch.long))
+            self.register_buffer("t2d", torch.zeros(vocab, dtype=torch.bool))
+        else:
+            self.d2t = None
+            self.t2d = None
+
+        # Training settings (not part of the saved format; see configure_training).
+        self.ttt_steps = 3
+        self.ttt_step_loss_decay = 1.0
+        self.noise_std = 0.05
+        self.attn_implementation = "auto"
+        self.train_lm_head = False
+        self.verifier_num_layers: int | None = None
+        self._verifier_parts_attached = False
+        self.post_init()
+        self.freeze_verifier_parts()
+
+    # ------------------------------------------------------------------ weights
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        std = getattr(self.config.layer_config, "initializer_range", 0.02) or 0.02
+        if module in (self.embed_tokens, self.lm_head, self.verifier_lm_head, self.verifier_norm):
+            # Copied from the verifier; NaN until then, so a part that was neither in the
+            # checkpoint nor attached cannot pass silently.
+            hf_init.constant_(cast(torch.Tensor, module.weight), math.nan)
+        elif isinstance(module, nn.Linear):
+            hf_init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                hf_init.zeros_(module.bias)
+        else:
+            super()._init_weights(module)  # norms (ones) and the rotary tables
+
+    def freeze_verifier_parts(self) -> None:
+        """Set which parameters train: everything except the verifier-copied parts.
+
+        The embedding trains only with ``embed_requires_grad``; ``lm_head`` (initialized to the
+        verifier's rows) only with ``train_lm_head`` (upstream freezes it since v0.5).
+        """
+        self.embed_tokens.weight.requires_grad_(self.config.embed_requires_grad)
+        self.lm_head.weight.requires_grad_(self.train_lm_head)
+        self.verifier_norm.weight.requires_grad_(False)
+        self.verifier_lm_head.weight.requires_grad_(False)
+
+    def configure_training(
+        self,
+        *,
+        ttt_steps: int | None = None,
+        ttt_step_loss_decay: float | None = None,
+        noise_std: float | None = None,
+        attn_implementation: str | None = None,
+        train_lm_head: bool | None = None,
+    ) -> None:
+        """Change training-only settings (they are not saved with the checkpoint)."""
+        if ttt_steps is not None:
+            if ttt_steps < 1:
+                raise SpeculatorsError(f"ttt_steps must be at least 1, got {ttt_steps}")
+            self.ttt_steps = int(ttt_steps)
+        if ttt_step_loss_decay is not None:
+            if not 0 < ttt_step_loss_decay <= 1:
+                raise SpeculatorsError(
+                    f"ttt_step_loss_decay must be in (0, 1], got {ttt_step_loss_decay}"
+                )
+            self.ttt_step_loss_decay = float(ttt_step_loss_decay)
+        if noise_std is not None:
+            if noise_std < 0:
+                raise SpeculatorsError(f"noise_std must be >= 0, got {noise_std}")
+            self.noise_std = float(noise_std)
+        if attn_implementation is not None:
+            select_attention_implementation(attn_implementation, "cuda")  # name check only
+            self.attn_implementation = attn_implementation
+        if train_lm_head is not None:
+            self.train_lm_head = bool(train_lm_head)
+            self.freeze_verifier_parts()
+
+    # ------------------------------------------------------------------ the forward pieces
+
+    def combine_aux(self, aux_hidden_states: torch.Tensor) -> torch.Tensor:
+        """``fc`` over the verifier aux states: ``[B, T, n*Ht] -> [B, T, H]``."""
+        if self.input_norm is not None:
+            aux_hidden_states = self.input_norm(aux_hidden_states)
+        if self.fc_norm is not None:
+            chunks = aux_hidden_states.chunk(len(self.fc_norm), dim=-1)  # n x [B, T, Ht]
+            aux_hidden_states = torch.cat(
+                [norm(chunk) for norm, chunk in zip(self.fc_norm, chunks, strict=True)], dim=-1
+            )
+        return self.fc(aux_hidden_states)
+
+    def decode(
+        self,
+        input_ids: torch.Tensor,  # [B, T] verifier token ids
+        feature: torch.Tensor,  # [B, T, H]: fc output or the previous step's state
+        position_ids: torch.Tensor,  # [B, T]
+        *,
+        cache: KVCache,
+        mask: Any,
+        implementation: str,
+    ) -> torch.Tensor:
+        """The decoder stack for one draft step: returns the pre-norm output ``[B, T, H]``."""
+        embeds = self.embed_tokens(input_ids)  # [B, T, H]
+        rotary = self.rotary_emb(feature, position_ids)  # cos, sin: [B, T, head_dim]
+        first, *rest = self.layers
+        h = first(embeds, feature, rotary, cache=cache, mask=mask, implementation=implementation)
+        for layer in rest:
+            h = layer(h, rotary, cache=cache, mask=mask, implementation=implementation)
+        return h
+
+    def head(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Draft logits ``[.., Vd]`` and the state fed to the next step ``[.., H]``."""
+        normed = self.norm(h)
+        return self.lm_head(normed), (normed if self.config.norm_output else h)
+
+    def ttt_forward(
+        self,
+        aux_hidden_states: torch.Tensor,  # [B, T, n*Ht], aligned (g_t at index t)
+        input_ids: torch.Tensor,  # [B, T], aligned (x_{t+1} at index t)
+        document_ids: torch.Tensor,  # [B, T], aligned (-1 = takes no part)
+        position_ids: torch.Tensor,  # [B, T], aligned
+        *,
+        steps: int | None = None,
+        attn_implementation: str | None = None,
+    ) -> list[torch.Tensor]:
+        """Draft logits ``[B, T, Vd]`` of each TTT step, with teacher forcing.
+
+        Step ``s`` reads at index ``t`` the true token ``x_{t+1+s}`` and the state the previous
+        step produced at the same index; its queries see the masks of
+        :func:`~speculators_eagle3.attention.ttt_attention_mask`.
+        """
+        steps = self.ttt_steps if steps is None else steps
+        implementation = select_attention_implementation(
+            attn_implementation or self.attn_implementation, aux_hidden_states.device
+        )
+        feature = self.combine_aux(aux_hidden_states.to(self.fc.weight.dtype))  # [B, T, H]
+        cache = KVCache(len(self.layers))
+        all_logits = []
+        for step in range(steps):
+            mask = (
+                ttt_block_mask(document_ids, step)
+                if implementation == "flex"
+                else ttt_attention_mask(document_ids, step)  # [B, 1, T, (step+1)*T]
+            )
+            h = self.decode(
+                shift_left(input_ids, step),
+                feature,
+                position_ids + step,
+                cache=cache,
+                mask=mask,
+                implementation=implementation,
+            )
+            logits, feature = self.head(h)  # [B, T, Vd], [B, T, H]
+            all_logits.append(logits)
+        return all_logits
+
+    @torch.no_grad()
+    def verifier_logits(self, last_hidden_states: torch.Tensor) -> torch.Tensor:
+        """Training targets: ``verifier_lm_head[t2d](verifier_norm(y))``, ``[B, T, Vd]``."""
+        self._require_verifier_parts()
+        return self.verifier_lm_head(self.verifier_norm(last_hidden_states))
+
+    # ------------------------------------------------------------------ algorithm contract
+
+    def hidden_state_spec(self) -> HiddenStateSpec:
+        """The aux ids, then id ``N`` (the verifier's final pre-norm state, for the targets)."""
+        ids = self.config.eagle_aux_hidden_state_layer_ids
+        if not ids:
+            raise ConfigError(
+                "config: eagle_aux_hidden_state_layer_ids is not set; write the verifier layer ids "
+                "the draft was trained on (default [2, N//2, N-3])"
+            )
+        return HiddenStateSpec(layer_ids=(*ids, self._num_verifier_layers()))
+
+    def training_step(self, batch: Mapping[str, torch.Tensor]) -> TrainingStepOutput:
+        """Loss and metrics of one packed batch (see :mod:`speculators_core.batch`).
+
+        Goes through ``self(...)`` (:meth:`forward`) so that wrappers hooking the module call
+        (DDP, FSDP2's ``fully_shard``) see the whole step.
+        """
+        missing = [key for key in _BATCH_KEYS if key not in batch]
+        if missing:
+            raise SpeculatorsError(
+                f"training batch lacks {', '.join(missing)}; pass a packed batch with the keys "
+                f"{', '.join(_BATCH_KEYS)}"
+            )
+        return cast(TrainingStepOutput, self(**{key: batch[key] for key in _BATCH_KEYS}))
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [B, T] unshifted, as the verifier saw them
+        hidden_states: torch.Tensor,  # [B, T, n_aux + 1, Ht] in hidden_state_spec() order
+        loss_mask: torch.Tensor,  # [B, T]
+        position_ids: torch.Tensor,  # [B, T]
+        document_ids: torch.Tensor,  # [B, T], -1 on padding
+    ) -> TrainingStepOutput:
+        """The training step: align, add noise (training mode), TTT forward, per-step loss."""
+        expected = self.config.num_aux_states + 1
+        if hidden_states.dim() != 4 or hidden_states.shape[2] != expected:
+            raise SpeculatorsError(
+                f"training batch hidden_states has shape {tuple(hidden_states.shape)}, expected "
+                f"[B, T, {expected}, Ht] ({expected - 1} aux states + the final state, in "
+                "hidden_state_spec() order)"
+            )
+        aligned = align_batch(input_ids, hidden_states, loss_mask, position_ids, document_ids)
+        dtype = self.fc.weight.dtype
+        aux = aligned.aux_hidden_states.to(dtype)  # [B, T, n*Ht]
+        last = aligned.last_hidden_states.to(dtype)  # [B, T, Ht]
+        if self.training and self.noise_std > 0:
+            # Uniform noise in [-std, std] on the verifier states (upstream's AddUniformNoise).
+            aux = aux + (torch.rand_like(aux) - 0.5) * (2 * self.noise_std)
+            last = last + (torch.rand_like(last) - 0.5) * (2 * self.noise_std)
+        targets = self.verifier_logits(last)  # [B, T, Vd]
+        step_logits = self.ttt_forward(
+            aux, aligned.input_ids, aligned.document_ids, aligned.position_ids
+        )
+        return ttt_loss(
+            step_logits,
+            targets,
+            aligned.document_ids,
+            aligned.loss_mask,
+            step_loss_decay=self.ttt_step_loss_decay,
+        )
+
+    def draft_session(self, *, batch_size: int = 1) -> Eagle3DraftSession:
+        """A :class:`~speculators_eagle3.drafting.Eagle3DraftSession` for the reference decoder."""
+        from speculators_eagle3.drafting import Eagle3DraftSession
+
+        return Eagle3DraftSession(self, batch_size=batch_size)
+
+    # ------------------------------------------------------------------ vocabulary
+
+    def draft_to_target_ids(self) -> torch.Tensor:
+        """Verifier ids of draft ids ``0..Vd-1``."""
+        ids = torch.arange(self.config.draft_vocab_size, device=self.lm_head.weight.device)
+        return ids if self.d2t is None else ids + self.d2t
+
+    def _draft_rows(self, full: torch.Tensor) -> torch.Tensor:
+        """Rows of a ``[V, ...]`` verifier tensor that belong to the draft vocabulary."""
+        if self.d2t is None:
+            return full
+        return full[self.draft_to_target_ids().to(full.device)]
+
+    def _sync_t2d(self) -> None:
+        # t2d is optional in files (vLLM skips it); it is always derivable from d2t.
+        if self.d2t is None or self.t2d is None:
+            return
+        t2d = torch.zeros_like(self.t2d)
+        t2d[self.draft_to_target_ids().to(t2d.device)] = True
+        self.t2d.copy_(t2d)
+
+    def save_pretrained(self, save_directory: str | os.PathLike[str], **kwargs: Any) -> None:  # type: ignore[override]
+        """Write the speculators ``eagle3`` format (``t2d`` re-derived from ``d2t`` first)."""
+        with torch.no_grad():
+            self._sync_t2d()
+        super().save_pretrained(save_directory, **kwargs)
+
+    # ------------------------------------------------------------------ verifier parts
+
+    def _num_verifier_layers(self) -> int:
+        if self.verifier_num_layers is None:
+            recorded = getattr(self.config.speculators_config, "verifier", None)
+            path = getattr(recorded, "name_or_path", None)
+            if path and os.path.isfile(os.path.join(path, "config.json")):
+                self.verifier_num_layers = int(load_verifier_config(path).num_hidden_layers)
+            else:
+                raise SpeculatorsError(
+                    f"the verifier's layer count is unknown (verifier '{path}' is not a local "
+                    "folder); call attach_verifier_parts(verifier_folder) first"
+                )
+        return self.verifier_num_layers
+
+    def _require_verifier_parts(self) -> None:
+        if not self._verifier_parts_attached:
+            raise SpeculatorsError(
+                "the frozen verifier parts (final norm, LM-head rows) are not attached; call "
+                "attach_verifier_parts(verifier_folder) or load with "
+                "SpeculatorModel.from_pretrained(folder, verifier=verifier_folder)"
+            )
+
+    @torch.no_grad()
+    def attach_verifier_parts(self, verifier: str | os.PathLike[str]) -> None:
+        """Load the frozen verifier tensors the checkpoint does not hold.
+
+        Always: ``verifier_norm`` and ``verifier_lm_head`` (the verifier's LM-head rows of the
+        draft vocabulary). Also ``embed_tokens`` and ``lm_head`` when the checkpoint lacked them.
+        """
+        verifier_config = load_verifier_config(verifier)
+        parts = load_verifier_parts(verifier)
+        vocab, width = parts.embed_tokens.shape
+        if vocab != self.config.verifier_vocab_size or width != self.config.aux_hidden_size:
+            raise SpeculatorsError(
+                f"verifier '{verifier}' has vocab {vocab} and hidden size {width}, but the draft "
+                f"was built for vocab {self.config.verifier_vocab_size} and hidden size "
+                f"{self.config.aux_hidden_size}; pass the verifier the draft was trained for"
+            )
+        self._sync_t2d()
+        device = self.fc.weight.device
+        dtype = self.fc.weight.dtype
+        rows = self._draft_rows(parts.lm_head.to(device))
+        self.verifier_lm_head.weight.copy_(rows.to(dtype))
+        self.verifier_norm.weight.copy_(parts.final_norm.to(device=device, dtype=dtype))
+        self.verifier_norm.eps = float(getattr(verifier_config, "rms_norm_eps", self.norm.eps))
+        missing = [
+            name
+            for name, module in (("embed_tokens", self.embed_tokens), ("lm_head", self.lm_head))
+            if torch.isnan(module.weight).any()
+        ]
+        if missing and width != self.config.layer_config.hidden_size:
+            raise SpeculatorsError(
+                f"the checkpoint lacks {', '.join(missing)} and the verifier's hidden size "
+                f"{width} differs from the draft's {self.config.layer_config.hidden_size}; use a "
+                "checkpoint that stores them"
+            )
+        if "embed_tokens" in missing:
+            self.embed_tokens.weight.copy_(parts.embed_tokens.to(device=device, dtype=dtype))
+        if "lm_head" in missing:
+            self.lm_head.weight.copy_(rows.to(dtype))
+        self.verifier_num_layers = int(verifier_config.num_hidden_layers)
+        self._verifier_parts_attached = True
+        self.freeze_verifier_parts()
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_verifier(
+        cls,
+        verifier: str | os.PathLike[str],
+        *,
+        num_layers: int = 1,
+        draft_vocab_size: int | None = None,
+        token_counts: Mapping[int, int] | torch.Tensor | None = None,
+        d2t: torch.Tensor | None = None,
+        t2d: torch.Tensor | None = None,
+        aux_layer_ids: list[int] | tuple[int, ...] | None = None,
+        norm_before_residual: bool = True,
+        norm_before_fc: bool = False,
+        fc_norm: bool = False,
+        norm_output: bool = False,
+        layer_type: str = "llama",
+        embed_requires_grad: bool = False,
+        train_lm_head: bool = False,
+        ttt_steps: int = 3,
+        ttt_step_loss_decay: float = 1.0,
+        noise_std: float = 0.05,
+        speculative_tokens: int | None = None,
+        verifier_name_or_path: str | None = None,
+        attn_implementation: str = "auto",
+        **unknown: Any,
+    ) -> Eagle3DraftModel:
+        """A fresh EAGLE-3 draft for the verifier in folder ``verifier``.
+
+        The draft copies the verifier's sizes, RoPE settings and vocabulary; ``embed_tokens``,
+        ``lm_head`` (and the frozen ``verifier_lm_head``) are the verifier's rows, ``fc`` and the
+        decoder layers are freshly initialized.
+
+        * ``num_layers``: draft decoder layers (layer 0 is the ``2H``-input layer).
+        * ``draft_vocab_size``: ``None`` keeps the full verifier vocabulary (no ``d2t``/``t2d``);
+          a smaller size needs ``token_counts`` (id -> count mapping or ``[V]`` tensor: the most
+          frequent tokens are kept) or an explicit ``d2t``/``t2d`` pair.
+        * ``aux_layer_ids``: verifier layer ids feeding ``fc`` (default ``[2, N//2, N-3]``,
+          always written to the config).
+        * ``norm_before_residual``/``norm_before_fc``/``fc_norm``/``norm_output``/
+          ``embed_requires_grad``: the config fields of the same names.
+        * ``layer_type``: ``"llama"`` or ``"qwen3"`` draft layers.
+        * ``ttt_steps``, ``ttt_step_loss_decay``, ``noise_std``, ``attn_implementation``,
+          ``train_lm_head``: training settings (see :meth:`configure_training`).
+        * ``speculative_tokens``: what the greedy proposal records (vLLM's
+          ``num_speculative_tokens``); default ``ttt_steps``.
+        * ``verifier_name_or_path``: what to record as the verifier (a hub id or the path valid
+          where vLLM will run); default the absolute path of ``verifier``.
+        """
+        if unknown:
+            raise SpeculatorsError(
+                f"unknown eagle3 option(s) {', '.join(sorted(unknown))}; see "
+                "Eagle3DraftModel.from_verifier for the options"
+            )
+        if layer_type not in DRAFT_LAYER_TYPES:
+            raise SpeculatorsError(
+                f"layer_type '{layer_type}' is not supported; use one of {', '.join(DRAFT_LAYER_TYPES)}"
+            )
+        if num_layers < 1:
+            raise SpeculatorsError(f"num_layers must be at least 1, got {num_layers}")
+        if ttt_steps < 1:
+            raise SpeculatorsError(f"ttt_steps must be at least 1, got {ttt_steps}")
+        if speculative_tokens is not None and speculative_tokens < 1:
+            raise SpeculatorsError(
+                f"speculative_tokens must be at least 1, got {speculative_tokens}"
+            )
+        vconfig = load_verifier_config(verifier)
+        n_layers = int(vconfig.num_hidden_layers)
+        vocab = int(vconfig.vocab_size)
+        hidden = int(vconfig.hidden_size)
+
+        ids = list(aux_layer_ids) if aux_layer_ids is not None else default_aux_layer_ids(n_layers)
+        if not ids or len(set(ids)) != len(ids) or min(ids) < 0 or max(ids) > n_layers:
+            origin = "aux_layer_ids" if aux_layer_ids is not None else "the default aux layer ids"
+            raise SpeculatorsError(
+                f"{origin} {ids} must be distinct ids in 0..{n_layers} for a verifier with "
+                f"{n_layers} layers; pass aux_layer_ids explicitly"
+            )
+
+        mapping = _resolve_vocab_mapping(vocab, draft_vocab_size, token_counts, d2t, t2d)
+        draft_vocab = vocab if mapping is None else int(mapping[0].shape[0])
+
+        head_dim = getattr(vconfig, "head_dim", None) or hidden // vconfig.num_attention_heads
+        layer_fields: dict[str, Any] = {
+            "model_type": layer_type,
+            "vocab_size": vocab,
+            "hidden_size": hidden,
+            "intermediate_size": getattr(vconfig, "intermediate_size", None) or 3 * hidden,
+            "num_hidden_layers": num_layers,
+            "num_attention_heads": vconfig.num_attention_heads,
+            "num_key_value_heads": getattr(vconfig, "num_key_value_heads", None)
+            or vconfig.num_attention_heads,
+            "head_dim": head_dim,
+            "hidden_act": getattr(vconfig, "hidden_act", "silu"),
+            "max_position_embeddings": getattr(vconfig, "max_position_embeddings", 4096),
+            "rms_norm_eps": getattr(vconfig, "rms_norm_eps", 1e-6),
+            "initializer_range": getattr(vconfig, "initializer_range", 0.02),
+            "attention_bias": bool(getattr(vconfig, "attention_bias", False)),
+            "tie_word_embeddings": False,
+        }
+        rope = getattr(vconfig, "rope_parameters", None)
+        if rope:
+            layer_fields["rope_parameters"] = dict(rope)
+        if layer_type == "llama":
+            layer_fields["mlp_bias"] = bool(getattr(vconfig, "mlp_bias", False))
+
+        tokens = ttt_steps if speculative_tokens is None else speculative_tokens
+        config = Eagle3SpeculatorConfig(
+            transformer_layer_config=layer_fields,
+            draft_vocab_size=draft_vocab,
+            norm_before_residual=norm_before_residual,
+            target_hidden_size=None,
+            eagle_aux_hidden_state_layer_ids=ids,
+            norm_before_fc=norm_before_fc,
+            fc_norm=fc_norm,
+            norm_output=norm_output,
+            embed_requires_grad=embed_requires_grad,
+            speculators_config=SpeculatorsConfig(
+                algorithm="eagle3",
+                proposal_methods=[GreedyTokenProposalConfig(speculative_tokens=tokens)],
+                default_proposal_method="greedy",
+                verifier=VerifierConfig.from_pretrained(
+                    verifier, name_or_path=verifier_name_or_path
+                ),
+            ),
+        )
+        model = cls(config)
+        model.train_lm_head = train_lm_head
+        model.configure_training(
+            ttt_steps=ttt_steps,
+            ttt_step_loss_decay=ttt_step_loss_decay,
+            noise_std=noise_std,
+            attn_implementation=attn_implementation,
+        )
+        if mapping is not None and model.d2t is not None and model.t2d is not None:
+            model.d2t.copy_(mapping[0])
+            model.t2d.copy_(mapping[1])
+        model.attach_verifier_parts(verifier)
+        return model
+
+
+def _resolve_vocab_mapping(
+    vocab: int,
+    draft_vocab_size: int | None,
+    token_counts: Mapping[int, int] | torch.Tensor | None,
+    d2t: torch.Tensor | None,
+    t2d: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(d2t, t2d)`` for a reduced draft vocabulary, or None for the full one."""
+    if (d2t is None) != (t2d is None):
+        raise SpeculatorsError(
+            "pass d2t and t2d together (or neither); both come from build_vocab_mapping"
+        )
+    if d2t is not None and t2d is not None:
+        try:
+            check_vocab_mapping(d2t, t2d)
+        except ValueError as err:
+            raise SpeculatorsError(f"invalid d2t/t2d: {err}") from err
+        if t2d.shape[0] != vocab:
+            raise SpeculatorsError(
+                f"t2d has {t2d.shape[0]} entries but the verifier vocab has {vocab}; build the "
+                "mapping for this verifier"
+            )
+        if draft_vocab_size is not None and draft_vocab_size != d2t.shape[0]:
+            raise SpeculatorsError(
+                f"draft_vocab_size {draft_vocab_size} differs from len(d2t) {d2t.shape[0]}; "
+                "drop one of them"
+            )
+        if d2t.shape[0] == vocab:
+            return None
+        return d2t.clone(), t2d.clone()
+    if draft_vocab_size is None or draft_vocab_size == vocab:
+        return None
+    if not 0 < draft_vocab_size < vocab:
+        raise SpeculatorsError(
+            f"draft_vocab_size {draft_vocab_size} must be between 1 and the verifier vocab {vocab}"
+        )
+    if token_counts is None:
+        raise SpeculatorsError(
+            f"draft_vocab_size {draft_vocab_size} < verifier vocab {vocab} needs token_counts "
+            "(or d2t/t2d) to choose the draft vocabulary"
+        )
+    try:
+        return build_vocab_mapping(token_counts, draft_vocab_size, vocab)
+    except ValueError as err:
+        raise SpeculatorsError(f"cannot build the draft vocabulary: {err}") from err
