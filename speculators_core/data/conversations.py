@@ -1,0 +1,346 @@
+"""Chat data sources: read conversations from files, folders, ``datasets`` or the built-in ShareGPT.
+
+Accepted record shapes (one record = one conversation):
+
+* ShareGPT: ``{"conversations": [{"from": "human", "value": "..."}, {"from": "gpt", ...}]}``
+* OpenAI: ``{"messages": [{"role": "user", "content": "..."}, {"role": "assistant", ...}]}``
+
+Roles are normalised to ``system`` / ``user`` / ``assistant`` (``human`` -> user; ``gpt``,
+``chatgpt``, ``bing``, ``bard``, ``model`` -> assistant). Content may be a string or a list of
+OpenAI content parts (their text parts are joined).
+
+Sources: a ``.json`` file (a list of records, or one record), a ``.jsonl`` file (one record per
+line), a folder (every ``.json``/``.jsonl`` under it, sorted by path), a folder saved with
+``datasets.Dataset.save_to_disk``, or the built-in name ``sharegpt`` (see
+:mod:`speculators_core.assets`; ``--split`` picks its train or held-out records).
+
+What is an error and what is a counted skip: a source that does not exist, an empty file and a
+line that is not JSON are errors (the data itself is broken; one line names the file and the
+line). A record that is not a usable conversation (no assistant turn, an unknown role, content
+that is not text) is skipped and counted by reason, because real chat dumps contain such
+records; the summary reports the counts.
+
+Normalisation of a conversation: system turns are kept where they are; assistant turns before
+the first user turn are dropped (nothing prompted them; ShareGPT splits long chats that way);
+turns after the last assistant turn are dropped (they carry no supervised token).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from speculators_core.data.errors import DataSourceError
+
+__all__ = [
+    "BUILTIN_SOURCES",
+    "Conversation",
+    "SkipCounter",
+    "SkipRecord",
+    "Turn",
+    "describe_source",
+    "iter_records",
+    "load_conversations",
+    "normalize_record",
+]
+
+#: Named built-in sources (``--data sharegpt``).
+BUILTIN_SOURCES: tuple[str, ...] = ("sharegpt",)
+
+_ROLE_ALIASES = {
+    "system": "system",
+    "user": "user",
+    "human": "user",
+    "assistant": "assistant",
+    "gpt": "assistant",
+    "chatgpt": "assistant",
+    "bing": "assistant",
+    "bard": "assistant",
+    "model": "assistant",
+}
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One message: ``role`` is ``system``, ``user`` or ``assistant``."""
+
+    role: str
+    content: str
+
+    def to_message(self) -> dict[str, str]:
+        """The ``{"role", "content"}`` dict chat templates take."""
+        return {"role": self.role, "content": self.content}
+
+
+#: A conversation is a list of turns, already normalised (see the module docs).
+Conversation = list[Turn]
+
+
+class SkipRecord(Exception):
+    """Raised by :func:`normalize_record` for a record that is not a usable conversation."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass
+class SkipCounter:
+    """Counts skipped records by reason (the CLI prints the counts in its summary)."""
+
+    counts: Counter[str] = field(default_factory=Counter)
+
+    def add(self, reason: str) -> None:
+        """Count one skipped record."""
+        self.counts[reason] += 1
+
+    @property
+    def total(self) -> int:
+        """Number of skipped records."""
+        return sum(self.counts.values())
+
+    def to_json(self) -> dict[str, int]:
+        """The counts, most common first."""
+        return dict(self.counts.most_common())
+
+    def describe(self) -> str:
+        """``"12 skipped: 10 no assistant turn, 2 unknown role 'bot'"`` or ``"none skipped"``."""
+        if not self.counts:
+            return "none skipped"
+        parts = ", ".join(f"{n} {reason}" for reason, n in self.counts.most_common())
+        return f"{self.total} skipped: {parts}"
+
+
+# ------------------------------------------------------------------------------------------------
+# records -> conversations
+# ------------------------------------------------------------------------------------------------
+
+
+def _content_text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = []
+        for part in content:
+            if isinstance(part, str):
+                texts.append(part)
+            elif isinstance(part, dict) and part.get("type", "text") == "text":
+                text = part.get("text")
+                if not isinstance(text, str):
+                    raise SkipRecord("content part without text")
+                texts.append(text)
+            else:
+                raise SkipRecord("non-text content")
+        return "".join(texts)
+    raise SkipRecord("content that is not text")
+
+
+def normalize_record(record: Any) -> Conversation:
+    """The normalised conversation of one record; raises :class:`SkipRecord` with a reason."""
+    if not isinstance(record, dict):
+        raise SkipRecord("record that is not an object")
+    if isinstance(record.get("conversations"), list):
+        raw = record["conversations"]
+    elif isinstance(record.get("messages"), list):
+        raw = record["messages"]
+    else:
+        raise SkipRecord("record without 'conversations' or 'messages'")
+    turns: list[Turn] = []
+    for message in raw:
+        if not isinstance(message, dict):
+            raise SkipRecord("turn that is not an object")
+        role = message.get("from", message.get("role"))
+        if not isinstance(role, str):
+            raise SkipRecord("turn without a role")
+        norm = _ROLE_ALIASES.get(role.strip().lower())
+        if norm is None:
+            raise SkipRecord(f"unknown role {role!r}")
+        content = message.get("value", message.get("content"))
+        turns.append(Turn(norm, _content_text(content)))
+    # Assistant turns before the first user turn answer nothing the data shows.
+    first_user = next((i for i, t in enumerate(turns) if t.role == "user"), None)
+    if first_user is None:
+        raise SkipRecord("no user turn" if turns else "empty conversation")
+    turns = [t for i, t in enumerate(turns) if i >= first_user or t.role == "system"]
+    last_assistant = max((i for i, t in enumerate(turns) if t.role == "assistant"), default=None)
+    if last_assistant is None:
+        raise SkipRecord("no assistant turn")
+    return turns[: last_assistant + 1]
+
+
+# ------------------------------------------------------------------------------------------------
+# sources -> records
+# ------------------------------------------------------------------------------------------------
+
+
+def describe_source(source: str | os.PathLike[str]) -> str:
+    """A stable description of a source for manifests: ``builtin:sharegpt`` or an absolute path."""
+    text = str(source)
+    if _builtin_name(text) is not None:
+        return f"builtin:{_builtin_name(text)}"
+    return str(Path(text).resolve())
+
+
+def _builtin_name(text: str) -> str | None:
+    name = text.removeprefix("builtin:")
+    if name in BUILTIN_SOURCES and (text.startswith("builtin:") or not Path(text).exists()):
+        return name
+    return None
+
+
+def _is_saved_dataset(path: Path) -> bool:
+    return (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()
+
+
+def _read_json_file(path: Path) -> Iterator[Any]:
+    text = path.read_text(encoding="utf-8")
+    if not text.strip():
+        raise DataSourceError(f"data file '{path}' is empty; give a file with chat records")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DataSourceError(
+            f"data file '{path}' is not valid JSON ({err.msg} at line {err.lineno} column "
+            f"{err.colno}); fix the file, or use .jsonl for one record per line"
+        ) from None
+    if isinstance(data, dict) and ("conversations" in data or "messages" in data):
+        yield data
+    elif isinstance(data, list):
+        yield from data
+    else:
+        raise DataSourceError(
+            f"data file '{path}' holds a JSON {type(data).__name__}; expected a list of chat "
+            "records with 'conversations' or 'messages'"
+        )
+
+
+def _read_jsonl_file(path: Path) -> Iterator[Any]:
+    seen_any = False
+    with path.open(encoding="utf-8") as handle:
+        for lineno, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataSourceError(
+                    f"data file '{path}' line {lineno} is not valid JSON ({err.msg} at column "
+                    f"{err.colno}); fix or delete that line"
+                ) from None
+            seen_any = True
+            yield record
+    if not seen_any:
+        raise DataSourceError(f"data file '{path}' is empty; give a file with chat records")
+
+
+def _read_file(path: Path) -> Iterator[Any]:
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        return _read_jsonl_file(path)
+    if suffix == ".json":
+        return _read_json_file(path)
+    raise DataSourceError(
+        f"data file '{path}' has an unsupported extension '{suffix}'; use .json or .jsonl"
+    )
+
+
+def _read_saved_dataset(path: Path) -> Iterator[Any]:
+    try:
+        import datasets
+    except ImportError:
+        from speculators_core.assets import MissingPackageError
+
+        raise MissingPackageError(
+            f"'{path}' is a saved datasets dataset; reading it needs: pip install datasets"
+        ) from None
+    loaded = datasets.load_from_disk(str(path))
+    if isinstance(loaded, datasets.DatasetDict):
+        if "train" in loaded:
+            loaded = loaded["train"]
+        elif len(loaded) == 1:
+            loaded = next(iter(loaded.values()))
+        else:
+            raise DataSourceError(
+                f"saved dataset '{path}' has splits {sorted(loaded)} and none is 'train'; "
+                "save the split you want on its own"
+            )
+    if len(loaded) == 0:
+        raise DataSourceError(f"saved dataset '{path}' is empty; give a dataset with chat records")
+    yield from loaded
+
+
+def iter_records(source: str | os.PathLike[str], *, split: str = "train") -> Iterator[Any]:
+    """The raw records of ``source`` in a fixed order (see the module docs for what a source is).
+
+    ``split`` selects the train or held-out part of a built-in source; user sources have no
+    split of their own and accept only ``train`` (meaning: all of it).
+    """
+    text = str(source)
+    builtin = _builtin_name(text)
+    if builtin is not None:
+        from speculators_core.assets import sharegpt_records
+
+        if split not in ("train", "heldout"):
+            raise DataSourceError(f"unknown split '{split}'; use 'train' or 'heldout'")
+        return sharegpt_records(split)  # type: ignore[arg-type]
+    if split != "train":
+        raise DataSourceError(
+            f"split '{split}' applies to built-in sources only ({', '.join(BUILTIN_SOURCES)}); "
+            f"'{text}' is used whole with split 'train'"
+        )
+    path = Path(text)
+    if not path.exists():
+        raise DataSourceError(
+            f"data source '{text}' does not exist; give a .json/.jsonl file, a folder of them, "
+            f"a saved datasets dataset, or a built-in name ({', '.join(BUILTIN_SOURCES)})"
+        )
+    if path.is_file():
+        return _read_file(path)
+    if _is_saved_dataset(path):
+        return _read_saved_dataset(path)
+    files = sorted(
+        p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in (".json", ".jsonl")
+    )
+    if not files:
+        raise DataSourceError(
+            f"data folder '{path}' holds no .json or .jsonl files and is not a saved dataset"
+        )
+    return _chain(_read_file(f) for f in files)
+
+
+def _chain(iterables: Iterable[Iterator[Any]]) -> Iterator[Any]:
+    for it in iterables:
+        yield from it
+
+
+def load_conversations(
+    sources: Sequence[str | os.PathLike[str]] | str | os.PathLike[str],
+    *,
+    split: str = "train",
+    seed: int | None = 0,
+    skipped: SkipCounter | None = None,
+) -> list[Conversation]:
+    """All usable conversations of ``sources``, shuffled with ``seed`` (file order if None).
+
+    Records that are not usable conversations are counted in ``skipped``. Shuffling is a
+    seeded permutation of the whole list, so the same sources and seed give the same order.
+    """
+    if isinstance(sources, (str, os.PathLike)):
+        sources = [sources]
+    counter = skipped if skipped is not None else SkipCounter()
+    conversations: list[Conversation] = []
+    for source in sources:
+        for record in iter_records(source, split=split):
+            try:
+                conversations.append(normalize_record(record))
+            except SkipRecord as skip:
+                counter.add(skip.reason)
+    if seed is not None:
+        random.Random(seed).shuffle(conversations)
+    return conversations

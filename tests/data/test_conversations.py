@@ -1,0 +1,150 @@
+"""Reading chat sources: record shapes, normalisation, counted skips and one-line errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from datatest_support import CHATS, write_jsonl
+
+from speculators_core.data.conversations import (
+    SkipCounter,
+    Turn,
+    iter_records,
+    load_conversations,
+    normalize_record,
+)
+from speculators_core.data.errors import DataSourceError
+from speculators_core.errors import SpeculatorsError
+
+
+def test_sharegpt_and_openai_records_normalise_to_the_same_turns():
+    """``from``/``value`` and ``role``/``content`` records give identical conversations."""
+    sharegpt = {
+        "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]
+    }
+    openai = {
+        "messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    }
+    expected = [Turn("user", "Hi"), Turn("assistant", "Hello")]
+    assert normalize_record(sharegpt) == expected
+    assert normalize_record(openai) == expected
+
+
+def test_system_turns_are_kept_and_leading_or_trailing_turns_trimmed():
+    """System kept; assistant before the first user and turns after the last assistant dropped."""
+    record = {
+        "conversations": [
+            {"from": "gpt", "value": "orphan answer"},
+            {"from": "system", "value": "S"},
+            {"from": "human", "value": "Q1"},
+            {"from": "gpt", "value": "A1"},
+            {"from": "human", "value": "Q2 without answer"},
+        ]
+    }
+    assert normalize_record(record) == [
+        Turn("system", "S"),
+        Turn("user", "Q1"),
+        Turn("assistant", "A1"),
+    ]
+
+
+def test_openai_content_parts_are_joined():
+    """A list of text parts becomes one string."""
+    record = {
+        "messages": [
+            {
+                "role": "user",
+                "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}],
+            },
+            {"role": "assistant", "content": "c"},
+        ]
+    }
+    assert normalize_record(record)[0] == Turn("user", "ab")
+
+
+def test_unusable_records_are_skipped_and_counted(tmp_path: Path):
+    """No assistant turn, unknown role, no user turn: counted by reason, the rest is kept."""
+    records = [
+        *CHATS,
+        {"messages": [{"role": "user", "content": "only a question"}]},
+        {"messages": [{"role": "robot", "content": "x"}, {"role": "assistant", "content": "y"}]},
+        {"messages": []},
+        {"text": "not a chat"},
+    ]
+    path = write_jsonl(tmp_path / "mixed.jsonl", records)
+    skipped = SkipCounter()
+    convs = load_conversations(path, seed=None, skipped=skipped)
+    assert len(convs) == len(CHATS)
+    assert skipped.to_json() == {
+        "no assistant turn": 1,
+        "unknown role 'robot'": 1,
+        "empty conversation": 1,
+        "record without 'conversations' or 'messages'": 1,
+    }
+    assert skipped.describe().startswith("4 skipped: ")
+
+
+def test_json_list_folder_and_saved_dataset_sources(tmp_path: Path):
+    """A JSON list, a folder of files and a saved datasets dataset give the same records."""
+    import datasets
+
+    (tmp_path / "list.json").write_text(json.dumps(CHATS[:2]))
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "a.json").write_text(json.dumps(CHATS[:1]))
+    write_jsonl(folder / "b.jsonl", CHATS[1:2])
+    (folder / "notes.txt").write_text("ignored")
+    saved = tmp_path / "saved"
+    rows = [{"messages": [t.to_message() for t in normalize_record(c)]} for c in CHATS[:2]]
+    datasets.Dataset.from_list(rows).save_to_disk(str(saved))
+    expected = [normalize_record(c) for c in CHATS[:2]]
+    for source in (tmp_path / "list.json", folder, saved):
+        assert load_conversations(source, seed=None) == expected, source
+
+
+def test_shuffle_is_a_seeded_permutation(chat_file: Path):
+    """Same seed, same order; the shuffled list is a permutation of the file order."""
+    plain = load_conversations(chat_file, seed=None)
+    a = load_conversations(chat_file, seed=3)
+    b = load_conversations(chat_file, seed=3)
+    assert a == b
+    assert sorted(map(repr, a)) == sorted(map(repr, plain))
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("bad.jsonl", '{"messages": []}\n{"messages": [\n', "line 2 is not valid JSON"),
+        ("empty.jsonl", "\n\n", "is empty"),
+        ("empty.json", "", "is empty"),
+        ("bad.json", "[{]", "is not valid JSON"),
+        ("scalar.json", "42", "holds a JSON int"),
+        ("data.csv", "a,b", "unsupported extension '.csv'"),
+    ],
+)
+def test_broken_files_fail_with_one_line(tmp_path: Path, name: str, content: str, message: str):
+    """Malformed JSON lines, empty files, wrong types: one line naming the file (and line)."""
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(DataSourceError) as info:
+        load_conversations(path)
+    text = str(info.value)
+    assert message in text and str(path) in text
+    assert "\n" not in text
+
+
+def test_missing_source_and_empty_folder(tmp_path: Path):
+    """A missing path and a folder without data files are one-line SpeculatorsErrors."""
+    with pytest.raises(SpeculatorsError, match="does not exist"):
+        load_conversations(tmp_path / "nope.jsonl")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SpeculatorsError, match=r"holds no \.json or \.jsonl files"):
+        load_conversations(tmp_path / "empty")
+
+
+def test_split_is_only_for_builtin_sources(chat_file: Path):
+    """Asking a user file for the held-out split is refused."""
+    with pytest.raises(DataSourceError, match="applies to built-in sources only"):
+        list(iter_records(chat_file, split="heldout"))
