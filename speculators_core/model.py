@@ -97,6 +97,15 @@ class SpeculatorModel(PreTrainedModel):
         """
         raise NotImplementedError(f"{cls.__name__} does not implement from_verifier")
 
+    @classmethod
+    def hidden_state_spec_for_verifier(cls, verifier: str | os.PathLike[str], **options: Any) -> HiddenStateSpec:
+        """The spec a fresh draft for ``verifier`` (built with ``options``) would use.
+
+        Data generation calls this before any draft exists. The default builds the draft and
+        asks it; algorithms override it to answer from the verifier's config alone.
+        """
+        return cls.from_verifier(verifier, **options).hidden_state_spec()
+
     def hidden_state_spec(self) -> HiddenStateSpec:
         """Which verifier hidden states this draft trains and drafts from."""
         raise NotImplementedError(f"{type(self).__name__} does not implement hidden_state_spec")

@@ -468,6 +468,24 @@ class Eagle3DraftModel(SpeculatorModel):
 
     # ------------------------------------------------------------------ algorithm contract
 
+    @classmethod
+    def hidden_state_spec_for_verifier(
+        cls, verifier: str | os.PathLike[str], **options: Any
+    ) -> HiddenStateSpec:
+        """The spec of a fresh draft for ``verifier``, from its config alone (no model is built).
+
+        Only ``aux_layer_ids`` among the :meth:`from_verifier` options changes the spec.
+        """
+        n_layers = int(load_verifier_config(verifier).num_hidden_layers)
+        aux = options.get("aux_layer_ids")
+        ids = list(aux) if aux is not None else default_aux_layer_ids(n_layers)
+        spec = HiddenStateSpec(layer_ids=(*ids, n_layers))
+        try:
+            spec.validate(n_layers)
+        except ValueError as err:
+            raise SpeculatorsError(f"{err}; pass aux_layer_ids explicitly") from err
+        return spec
+
     def hidden_state_spec(self) -> HiddenStateSpec:
         """The aux ids, then id ``N`` (the verifier's final pre-norm state, for the targets)."""
         ids = self.config.eagle_aux_hidden_state_layer_ids

@@ -401,3 +401,15 @@ def test_config_from_dict_and_errors() -> None:
             draft_vocab_size=50,
             eagle_aux_hidden_state_layer_ids=[1, 1],
         )
+
+
+def test_spec_for_verifier_matches_a_built_draft(tmp_path):
+    """The cheap classmethod (no model built) gives the same spec as a fresh draft."""
+    from speculators_core.testing import make_tiny_verifier
+    from speculators_eagle3 import Eagle3DraftModel
+
+    verifier = make_tiny_verifier(tmp_path / "v", num_layers=8)
+    for options in ({}, {"aux_layer_ids": [1, 3, 6]}):
+        built = Eagle3DraftModel.from_verifier(verifier, **options).hidden_state_spec()
+        assert Eagle3DraftModel.hidden_state_spec_for_verifier(verifier, **options) == built
+    assert Eagle3DraftModel.hidden_state_spec_for_verifier(verifier).layer_ids == (2, 4, 5, 8)
