@@ -405,8 +405,9 @@ def test_config_from_dict_and_errors() -> None:
 
 def test_spec_for_verifier_matches_a_built_draft(tmp_path):
     """The cheap classmethod (no model built) gives the same spec as a fresh draft."""
-    from speculators_core.testing import make_tiny_verifier
     from speculators_eagle3 import Eagle3DraftModel
+
+    from speculators_core.testing import make_tiny_verifier
 
     verifier = make_tiny_verifier(tmp_path / "v", num_layers=8)
     for options in ({}, {"aux_layer_ids": [1, 3, 6]}):
