@@ -98,7 +98,9 @@ class SpeculatorModel(PreTrainedModel):
         raise NotImplementedError(f"{cls.__name__} does not implement from_verifier")
 
     @classmethod
-    def hidden_state_spec_for_verifier(cls, verifier: str | os.PathLike[str], **options: Any) -> HiddenStateSpec:
+    def hidden_state_spec_for_verifier(
+        cls, verifier: str | os.PathLike[str], **options: Any
+    ) -> HiddenStateSpec:
         """The spec a fresh draft for ``verifier`` (built with ``options``) would use.
 
         Data generation calls this before any draft exists. The default builds the draft and
