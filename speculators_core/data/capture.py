@@ -16,7 +16,6 @@ floating-point reassociation.
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -27,7 +26,7 @@ from torch import nn
 from speculators_core.data.errors import VerifierError
 from speculators_core.features import HiddenStateSpec
 
-__all__ = ["HiddenStateCapture", "decoder_parts", "plan_batches"]
+__all__ = ["HiddenStateCapture", "StateRecorder", "decoder_parts", "plan_batches"]
 
 
 class _StopForward(Exception):
@@ -76,6 +75,96 @@ def plan_batches(
     return batches
 
 
+class StateRecorder:
+    """Records the states a spec asks for while a verifier (decoder or causal LM) runs forward.
+
+    Hooks are attached on construction and removed by :meth:`close` (or leaving the ``with``
+    block): a pre-hook on decoder layer ``k`` for id ``k < N``; for id ``N`` a pre-hook on the
+    final norm (pre-norm state) or, with ``post_norm_last``, a hook on its output. After each
+    forward, :meth:`take` returns ``[B, T, len(spec.layer_ids), H]`` in spec order.
+
+    With ``stop_early`` and only layer ids requested, the forward is cut short (by an exception
+    that :meth:`run` swallows) right after the last needed state: later layers never run.
+    """
+
+    def __init__(
+        self, model: nn.Module, spec: HiddenStateSpec, *, stop_early: bool = False
+    ) -> None:
+        _decoder, layers, norm = decoder_parts(model)
+        self.num_layers = len(layers)
+        try:
+            spec.validate(self.num_layers)
+        except ValueError as err:
+            raise VerifierError(f"{err}; pick layer ids for this verifier") from None
+        self.spec = spec
+        self._got: dict[int, torch.Tensor] = {}
+        self._handles: list[Any] = []
+        last = len(spec.layer_ids) - 1
+        only_layers = all(k < self.num_layers for k in spec.layer_ids)
+        self._stop_at = max(spec.layer_ids) if stop_early and only_layers else None
+        for pos, k in enumerate(spec.layer_ids):
+            if k < self.num_layers:
+                self._handles.append(
+                    layers[k].register_forward_pre_hook(self._layer_hook(pos, k), with_kwargs=True)
+                )
+            elif spec.post_norm_last and pos == last:
+                self._handles.append(norm.register_forward_hook(self._norm_out_hook(pos)))
+            else:
+                self._handles.append(norm.register_forward_pre_hook(self._norm_in_hook(pos)))
+
+    def _layer_hook(self, pos: int, k: int) -> Any:
+        def hook(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            self._got[pos] = args[0] if args else kwargs["hidden_states"]
+            if self._stop_at == k and len(self._got) == len(self.spec.layer_ids):
+                raise _StopForward
+
+        return hook
+
+    def _norm_in_hook(self, pos: int) -> Any:
+        def hook(_module: nn.Module, args: tuple[Any, ...]) -> None:
+            self._got[pos] = args[0]
+
+        return hook
+
+    def _norm_out_hook(self, pos: int) -> Any:
+        def hook(_module: nn.Module, _args: tuple[Any, ...], out: torch.Tensor) -> None:
+            self._got[pos] = out
+
+        return hook
+
+    def run(self, module: nn.Module, **inputs: Any) -> Any:
+        """Call ``module(**inputs)``, tolerating an early stop; returns its output (None if stopped)."""
+        try:
+            return module(**inputs)
+        except _StopForward:
+            return None
+
+    def take(self) -> torch.Tensor:
+        """The states recorded by the last forward, ``[B, T, n, H]``."""
+        missing = [
+            self.spec.layer_ids[p] for p in range(len(self.spec.layer_ids)) if p not in self._got
+        ]
+        if missing:
+            raise RuntimeError(
+                f"no hidden states were recorded for layer ids {missing}; run a forward first"
+            )
+        states = torch.stack([self._got[p] for p in range(len(self.spec.layer_ids))], dim=2)
+        self._got.clear()
+        return states
+
+    def close(self) -> None:
+        """Remove the hooks."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def __enter__(self) -> StateRecorder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 class HiddenStateCapture:
     """Runs the verifier's decoder and returns the states a spec asks for.
 
@@ -121,19 +210,6 @@ class HiddenStateCapture:
         """The verifier's compute dtype."""
         return next(self.model.parameters()).dtype
 
-    def _sources(self) -> list[tuple[str, int]]:
-        """Where each spec position is read: ``("layer", k)``, ``("norm_in", N)``, ``("norm_out", N)``."""
-        last = len(self.spec.layer_ids) - 1
-        out: list[tuple[str, int]] = []
-        for pos, k in enumerate(self.spec.layer_ids):
-            if k < self.num_layers:
-                out.append(("layer", k))
-            elif self.spec.post_norm_last and pos == last:
-                out.append(("norm_out", k))
-            else:
-                out.append(("norm_in", k))
-        return out
-
     @torch.no_grad()
     def capture_batch(
         self, input_ids: Sequence[torch.Tensor], *, keep_on_device: bool = False
@@ -151,50 +227,14 @@ class HiddenStateCapture:
         for row, t in enumerate(input_ids):
             ids[row, : lengths[row]] = t.reshape(-1).long()
             attention[row, : lengths[row]] = 1
-        got: dict[tuple[str, int], torch.Tensor] = {}
-        sources = self._sources()
-        needed = set(sources)
-        stop_after = (
-            max(k for kind, k in sources) if all(kind == "layer" for kind, _ in sources) else None
-        )
-        handles: list[Any] = []
-
-        def layer_hook(k: int) -> Any:
-            def hook(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-                got[("layer", k)] = args[0] if args else kwargs["hidden_states"]
-                if stop_after == k:
-                    raise _StopForward
-
-            return hook
-
-        try:
-            for kind, k in needed:
-                if kind == "layer":
-                    handles.append(
-                        self.layers[k].register_forward_pre_hook(layer_hook(k), with_kwargs=True)
-                    )
-            if ("norm_in", self.num_layers) in needed:
-                handles.append(
-                    self.norm.register_forward_pre_hook(
-                        lambda _m, args: got.__setitem__(("norm_in", self.num_layers), args[0])
-                    )
-                )
-            if ("norm_out", self.num_layers) in needed:
-                handles.append(
-                    self.norm.register_forward_hook(
-                        lambda _m, _a, out: got.__setitem__(("norm_out", self.num_layers), out)
-                    )
-                )
-            with contextlib.suppress(_StopForward):
-                self.decoder(
-                    input_ids=ids.to(device),
-                    attention_mask=attention.to(device),
-                    use_cache=False,
-                )
-        finally:
-            for handle in handles:
-                handle.remove()
-        stacked = torch.stack([got[s] for s in sources], dim=2)  # [B, longest, n, H]
+        with StateRecorder(self.model, self.spec, stop_early=True) as recorder:
+            recorder.run(
+                self.decoder,
+                input_ids=ids.to(device),
+                attention_mask=attention.to(device),
+                use_cache=False,
+            )
+            stacked = recorder.take()  # [B, longest, n, H]
         if not keep_on_device:
             stacked = stacked.cpu()
         return [stacked[row, : lengths[row]] for row in range(len(input_ids))]

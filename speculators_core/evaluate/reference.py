@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from speculators_core.features import HiddenStateSpec
+from speculators_core.data.capture import StateRecorder
 
 __all__ = [
     "DecodeStats",
@@ -176,60 +176,6 @@ def accept_sampled(
     return k, int(torch.multinomial(target_probs[k], 1, generator=generator))
 
 
-class _StateRecorder:
-    """Records the verifier hidden states a spec asks for during a full causal-LM forward."""
-
-    def __init__(self, model: nn.Module, spec: HiddenStateSpec) -> None:
-        from speculators_core.data.capture import decoder_parts
-
-        _decoder, self.layers, self.norm = decoder_parts(model)
-        self.num_layers = len(self.layers)
-        spec.validate(self.num_layers)
-        self.spec = spec
-        self._got: dict[int, torch.Tensor] = {}
-        self._handles: list[Any] = []
-        last = len(spec.layer_ids) - 1
-        for pos, k in enumerate(spec.layer_ids):
-            if k < self.num_layers:
-                self._handles.append(
-                    self.layers[k].register_forward_pre_hook(self._pre(pos), with_kwargs=True)
-                )
-            elif spec.post_norm_last and pos == last:
-                self._handles.append(self.norm.register_forward_hook(self._post(pos)))
-            else:
-                self._handles.append(self.norm.register_forward_pre_hook(self._norm_in(pos)))
-
-    def _pre(self, pos: int) -> Any:
-        def hook(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            self._got[pos] = args[0] if args else kwargs["hidden_states"]
-
-        return hook
-
-    def _norm_in(self, pos: int) -> Any:
-        def hook(_m: nn.Module, args: tuple[Any, ...]) -> None:
-            self._got[pos] = args[0]
-
-        return hook
-
-    def _post(self, pos: int) -> Any:
-        def hook(_m: nn.Module, _args: tuple[Any, ...], out: torch.Tensor) -> None:
-            self._got[pos] = out
-
-        return hook
-
-    def take(self) -> torch.Tensor:
-        """The states of the last forward as ``[B, T, n, H]``."""
-        states = torch.stack([self._got[pos] for pos in range(len(self.spec.layer_ids))], dim=2)
-        self._got.clear()
-        return states
-
-    def close(self) -> None:
-        """Remove the hooks."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-
-
 class ReferenceDecoder:
     """Speculative decoding with a transformers verifier and a speculator's drafting session.
 
@@ -277,7 +223,7 @@ class ReferenceDecoder:
         stats = DecodeStats(k=self.k)
         start = time.perf_counter()
         recorder = (
-            _StateRecorder(self.verifier, self.draft.hidden_state_spec())
+            StateRecorder(self.verifier, self.draft.hidden_state_spec())
             if self.draft is not None
             else None
         )
@@ -311,7 +257,7 @@ class ReferenceDecoder:
         temperature: float,
         generator: torch.Generator | None,
         stats: DecodeStats,
-        recorder: _StateRecorder | None,
+        recorder: StateRecorder | None,
     ) -> list[int]:
         cache = self._new_cache()
         out = self.verifier(input_ids=prompt, past_key_values=cache, use_cache=True)
