@@ -24,8 +24,15 @@ def speculators_register_proposal_methods() -> Sequence[ProposalMethod]:
 
 @hookimpl
 def speculators_training_callbacks(args: Any) -> Sequence[Any]:
-    """The core's training behaviours: flow, checkpoints, early stopping, metrics, progress."""
-    # Imported here so that building a plugin host does not import the training engine.
-    from speculators_core.train.builtin_callbacks import builtin_callbacks
+    """The core's training behaviours: flow, checkpoints, early stopping, metrics, progress.
 
-    return builtin_callbacks(args)
+    They apply to runs of the core's ``Trainer`` (``args`` is a ``TrainingArguments``); for any
+    other ``args`` the core contributes none.
+    """
+    # Imported here so that building a plugin host does not import the training engine.
+    from speculators_core.train.arguments import TrainingArguments
+    from speculators_core.train.builtin_callbacks import default_callbacks
+
+    if not isinstance(args, TrainingArguments):
+        return []
+    return default_callbacks(args)

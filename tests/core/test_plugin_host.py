@@ -48,7 +48,10 @@ def test_speculators_register_proposal_methods():
     host = _host(("speculators.plugins:tree", extra))
     assert sorted(host.proposal_methods()) == ["greedy", "tree"]
     assert host.proposal_methods()["greedy"].provided_by == "speculators-core (built in)"
-    assert host.hooks_of("speculators.core:builtin") == ["speculators_register_proposal_methods"]
+    assert host.hooks_of("speculators.core:builtin") == [
+        "speculators_register_proposal_methods",
+        "speculators_training_callbacks",
+    ]
 
 
 def test_speculators_register_converters():

@@ -1,0 +1,85 @@
+"""End to end with the real EAGLE-3 plugin: data store -> ``speculators train`` -> final folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+pytest.importorskip("speculators_eagle3")
+
+from speculators_core.cli.train import train_command
+from speculators_core.model import SpeculatorModel
+from speculators_core.plugins import PluginHost, PluginSettings
+
+
+@pytest.fixture(scope="module")
+def eagle3_host():
+    """A host with only the core and the EAGLE-3 plugin (no other installed plugin)."""
+    from speculators_eagle3 import plugin
+
+    return PluginHost(
+        PluginSettings(), entry_points=False, plugins=[("speculators.algorithms:eagle3", plugin)]
+    )
+
+
+@pytest.fixture(scope="module")
+def eagle3_store(tmp_path_factory, prepared_data_8, eagle3_host) -> tuple[Path, Path]:
+    """(verifier, store) with the hidden states EAGLE-3 asks for (3 aux layers + the last)."""
+    from speculators_core.data.specs import spec_for_algorithm
+    from speculators_core.data.store import capture_to_store
+
+    verifier, prepared = prepared_data_8
+    spec = spec_for_algorithm("eagle3", verifier, host=eagle3_host)
+    out = tmp_path_factory.mktemp("eagle3-store") / "store"
+    capture_to_store(verifier=verifier, prepared=prepared, output=out, spec=spec, dtype="bfloat16")
+    return verifier, out
+
+
+@pytest.fixture(scope="module")
+def prepared_data_8(tmp_path_factory) -> tuple[Path, Path]:
+    """An 8-layer tiny verifier (so EAGLE-3's default aux layers 2, 4, 5 are distinct) + data."""
+    from train_samples import synthetic_chats
+
+    from speculators_core.data.prepared import prepare_data
+    from speculators_core.testing import make_tiny_verifier
+
+    root = tmp_path_factory.mktemp("eagle3-data")
+    verifier = make_tiny_verifier(root / "verifier", num_layers=8)
+    chats = root / "chats.jsonl"
+    chats.write_text("".join(json.dumps(c) + "\n" for c in synthetic_chats(16, seed=5)))
+    prepare_data(verifier=verifier, sources=[chats], output=root / "prepared", seq_length=256)
+    return verifier, root / "prepared"
+
+
+def test_speculators_train_eagle3_on_a_store(eagle3_host, eagle3_store, tmp_path, monkeypatch):
+    """The CLI trains an EAGLE-3 draft (pruned vocab from the store) and writes a loadable folder."""
+    from speculators_core.plugins import host as host_module
+
+    monkeypatch.setattr(host_module, "get_host", lambda: eagle3_host)
+    verifier, store = eagle3_store
+    out = tmp_path / "run"
+    args = [
+        "--algorithm", "eagle3", "--verifier", verifier, "--data", store, "--output", out,
+        "--draft-vocab-size", "64", "--num-layers", "1", "--algo-opt", "ttt_steps=2",
+        "--seq-len", "256", "--max-steps", "4", "--log-every", "1", "--learning-rate", "1e-3",
+        "--no-progress", "--no-console-log",
+    ]  # fmt: skip
+    result = CliRunner().invoke(train_command, [str(a) for a in args])
+    assert result.exception is None, repr(result.exception)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if "loss" in r]
+    assert [r["step"] for r in train] == [1, 2, 3, 4]
+    # Per-TTT-step metrics (cond_acc_s appears once some step-0 prediction is right).
+    assert {"loss_0", "loss_1", "full_acc_0", "full_acc_1"} <= train[0].keys()
+    assert train[-1]["loss"] < train[0]["loss"]
+
+    config = json.loads((out / "final" / "config.json").read_text())
+    assert config["speculators_model_type"] == "eagle3" and "model_type" not in config
+    assert config["draft_vocab_size"] == 64
+    model = SpeculatorModel.from_pretrained(out / "final", host=eagle3_host, verifier=verifier)
+    assert model.config.draft_vocab_size == 64
+    assert torch.isfinite(torch.tensor([r["loss"] for r in train])).all()

@@ -1,0 +1,109 @@
+"""Optimizer choice, weight-decay groups, the learning-rate schedule and metric combination."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from speculators_core.model import TrainingStepOutput
+from speculators_core.train import TrainingArguments, TrainingConfigError
+from speculators_core.train.metrics import WeightedSums
+from speculators_core.train.optim import build_optimizer, build_scheduler, optimizer_class
+
+
+def _model() -> torch.nn.Module:
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 2))
+    model[2].weight.requires_grad_(False)
+    return model
+
+
+def test_optimizer_by_name_and_decay_groups():
+    """Names are case-insensitive; matrices decay, vectors do not, frozen tensors are left out."""
+    model = _model()
+    args = TrainingArguments(optimizer="SGD", weight_decay=0.1, optimizer_kwargs={"momentum": 0.5})
+    opt = build_optimizer(model, args)
+    assert type(opt) is torch.optim.SGD
+    decayed, plain = opt.param_groups
+    assert decayed["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0
+    assert {id(p) for p in decayed["params"]} == {id(model[0].weight)}
+    assert {id(p) for p in plain["params"]} == {
+        id(model[0].bias),
+        id(model[1].weight),
+        id(model[1].bias),
+        id(model[2].bias),
+    }
+    assert decayed["momentum"] == 0.5
+
+
+def test_adamw_betas_from_json_list():
+    """JSON lists become the tuples torch expects."""
+    opt = build_optimizer(_model(), TrainingArguments(optimizer_kwargs={"betas": [0.8, 0.9]}))
+    assert type(opt) is torch.optim.AdamW and opt.param_groups[0]["betas"] == (0.8, 0.9)
+
+
+def test_unknown_optimizer_and_bad_kwargs_are_one_line_errors():
+    """An unknown name lists the choices; rejected kwargs name the optimizer."""
+    with pytest.raises(TrainingConfigError, match=r"unknown optimizer 'lion'.*adamw"):
+        optimizer_class("lion")
+    with pytest.raises(TrainingConfigError, match="rejects optimizer_kwargs"):
+        build_optimizer(_model(), TrainingArguments(optimizer_kwargs={"nope": 1}))
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine", "constant"])
+def test_schedule_matches_the_formula(kind):
+    """Warm-up then decay, computed independently here for every step."""
+    total, warmup, peak, floor = 20, 4, 1e-2, 0.1
+    args = TrainingArguments(
+        learning_rate=peak, lr_scheduler=kind, warmup_steps=warmup, min_lr_ratio=floor
+    )
+    opt = build_optimizer(_model(), args)
+    sched = build_scheduler(opt, args, total)
+    for step in range(total + 1):
+        if step < warmup:
+            want = peak * (step + 1) / (warmup + 1)
+        elif kind == "constant":
+            want = peak
+        else:
+            p = (step - warmup) / (total - warmup)
+            shape = 1 - p if kind == "linear" else 0.5 * (1 + math.cos(math.pi * p))
+            want = peak * (floor + (1 - floor) * shape)
+        assert opt.param_groups[0]["lr"] == pytest.approx(want), step
+        opt.step()
+        sched.step()
+
+
+def test_warmup_ratio_rounds_up():
+    """Without warmup_steps, warm-up is ceil(ratio * total) steps."""
+    args = TrainingArguments(learning_rate=1.0, warmup_ratio=0.1, lr_scheduler="constant")
+    opt = build_optimizer(_model(), args)
+    build_scheduler(opt, args, 25)  # 2.5 -> 3 warm-up steps: lr 1/4 at step 0
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.25)
+
+
+def test_weighted_sums_combine_micro_batches_exactly():
+    """Averages weighted by their counts give the average over the union."""
+    values = [torch.tensor([1.0, 2.0, 3.0]), torch.tensor([10.0]), torch.tensor([4.0, 4.0])]
+    sums = WeightedSums()
+    for v in values:
+        sums.add_output(
+            TrainingStepOutput(
+                loss=v.mean(),
+                metrics={"acc": (v > 2).float().mean()},
+                weights={"loss": torch.tensor(v.numel()), "acc": torch.tensor(v.numel())},
+            )
+        )
+    everything = torch.cat(values)
+    avg = sums.averages(prefix="val_")
+    assert avg["val_loss"] == pytest.approx(float(everything.mean()))
+    assert avg["val_acc"] == pytest.approx(float((everything > 2).float().mean()))
+
+
+def test_weighted_sums_default_weight_and_zero_weight():
+    """A metric without a weight counts once; a metric with zero total weight is omitted."""
+    sums = WeightedSums()
+    sums.add_output(TrainingStepOutput(loss=torch.tensor(2.0), metrics={"x": torch.tensor(1.0)}))
+    sums.add_output(TrainingStepOutput(loss=torch.tensor(4.0), metrics={"x": torch.tensor(3.0)}))
+    sums.add("empty", 5.0, 0.0)
+    assert sums.averages() == {"loss": 3.0, "x": 2.0}
