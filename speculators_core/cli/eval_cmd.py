@@ -23,7 +23,9 @@ def resolve_verifier(draft_dir: Path, verifier: str | None) -> Path:
         verifier = recorded.get("name_or_path") if isinstance(recorded, dict) else None
         if not verifier:
             raise SpeculatorsError(f"'{draft_dir}' records no verifier; pass --verifier DIR")
-    path = Path(verifier)
+    from speculators_core.assets import resolve_verifier_path
+
+    path = resolve_verifier_path(verifier)
     if not (path / "config.json").is_file():
         raise SpeculatorsError(
             f"verifier '{verifier}' is not a local model folder (hub downloads are not supported); pass --verifier DIR"

@@ -22,8 +22,13 @@ __all__ = [
 
 
 def verifier_folder(path: str | os.PathLike[str]) -> Path:
-    """``path`` as a verifier folder; a clear error if it is missing or has no ``config.json``."""
-    folder = Path(path)
+    """``path`` as a verifier folder; a clear error if it is missing or has no ``config.json``.
+
+    ``'smollm2'`` names the embedded default verifier (materialised on first use).
+    """
+    from speculators_core.assets import resolve_verifier_path
+
+    folder = resolve_verifier_path(path)
     if not folder.exists():
         raise VerifierError(
             f"verifier '{folder}' does not exist; pass a local transformers model folder "

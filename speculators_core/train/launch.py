@@ -176,6 +176,10 @@ def resolve_run_config(
     training = TrainingArguments.from_dict(
         {**training_values, "output_dir": os.path.abspath(str(run_values["output"]))}
     )
+    if run_values.get("verifier") is not None:
+        from speculators_core.assets import resolve_verifier_path
+
+        run_values["verifier"] = str(resolve_verifier_path(run_values["verifier"]))
     for key in ("verifier", "data", "output", "val_data", "vocab"):
         if run_values.get(key) is not None:
             # Absolute paths: the resolved config is recorded and compared on resume.

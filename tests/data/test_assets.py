@@ -107,3 +107,15 @@ def test_smollm2_folder_is_a_normal_transformers_model(smollm2: Path):
     tokenizer = AutoTokenizer.from_pretrained(smollm2)
     assert tokenizer.chat_template and tokenizer.eos_token == "<|im_end|>"
     assert smollm2_path() == smollm2  # second call reuses the folder
+
+
+def test_smollm2_is_a_verifier_name_everywhere(tmp_path, monkeypatch):
+    """'smollm2' names the embedded verifier; an existing folder of that name still wins."""
+    from speculators_core.assets import resolve_verifier_path, smollm2_path
+    from speculators_core.data.verifier import verifier_folder
+
+    monkeypatch.chdir(tmp_path)
+    assert resolve_verifier_path("smollm2") == smollm2_path()
+    assert verifier_folder("smollm2") == smollm2_path()
+    (tmp_path / "smollm2").mkdir()
+    assert resolve_verifier_path("smollm2") == Path("smollm2")
