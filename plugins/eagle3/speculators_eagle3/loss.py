@@ -13,32 +13,115 @@ At TTT step ``s`` the draft's logits at aligned index ``t`` predict the token th
   drafted tokens are all accepted); ``cond_acc_s`` = the same among positions whose chain
   survived step ``s - 1`` (acceptance of draft ``s`` given the earlier ones were accepted).
 * ``est_accept_len = 1 + sum_s full_acc_s`` (accepted drafts plus the verifier's own token).
+
+How it is computed (the same numbers, less work): :func:`plan_ttt_loss` lists, once per
+batch, the positions each step reads (:class:`TTTLossPlan`), so the model computes draft
+logits and verifier targets only there; the target log-softmax is taken once per position,
+not once per step; the KL has a hand-written backward (``softmax(logits) - p``) instead of
+autograd through every ``[N, Vd]`` temporary. :func:`ttt_loss` takes full ``[B, T, Vd]``
+logits and does the same.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from speculators_core import TrainingStepOutput
-from speculators_eagle3.alignment import shift_left
 
-__all__ = ["forward_kl", "step_valid_mask", "ttt_loss"]
+__all__ = [
+    "TTTLossPlan",
+    "forward_kl",
+    "plan_ttt_loss",
+    "step_valid_mask",
+    "ttt_loss",
+    "ttt_loss_rows",
+]
 
 
 def step_valid_mask(document_ids: torch.Tensor, loss_mask: torch.Tensor, step: int) -> torch.Tensor:
     """``[B, T]`` bool: index ``t`` is scored at step ``step`` (aligned ids and mask)."""
-    future_doc = shift_left(document_ids, step, fill=-1)
-    future_mask = shift_left(loss_mask.bool(), step, fill=False)
-    return (document_ids >= 0) & (future_doc == document_ids) & future_mask
+    length = document_ids.shape[1]
+    valid = torch.zeros(document_ids.shape, dtype=torch.bool, device=document_ids.device)
+    if step < length:
+        here, future = document_ids[:, : length - step], document_ids[:, step:]
+        valid[:, : length - step] = (here >= 0) & (future == here) & loss_mask[:, step:].bool()
+    return valid
+
+
+class _ForwardKL(torch.autograd.Function):
+    """``KL(p || softmax(logits))`` per row from ``log p`` and ``p``, in fp32.
+
+    Autograd through ``log_softmax`` and the products would keep several ``[N, V]`` temporaries
+    and walk them many times; the gradient is short: ``softmax(logits) * sum(p) - p``.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        logits: torch.Tensor,  # [..., V]
+        target_log_probs: torch.Tensor,  # [..., V] fp32
+        target_probs: torch.Tensor,  # [..., V] fp32
+    ) -> torch.Tensor:
+        log_q = torch.log_softmax(logits.float(), dim=-1)
+        kl = (target_log_probs - log_q).mul_(target_probs).sum(dim=-1)
+        ctx.save_for_backward(log_q, target_probs)
+        ctx.logits_dtype = logits.dtype
+        return kl
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        log_q, target_probs = ctx.saved_tensors
+        grad_logits = log_q.exp().mul_(target_probs.sum(dim=-1, keepdim=True))
+        grad_logits.sub_(target_probs).mul_(grad.unsqueeze(-1))
+        return grad_logits.to(ctx.logits_dtype), None, None
 
 
 def forward_kl(logits: torch.Tensor, target_logits: torch.Tensor) -> torch.Tensor:
     """``KL(softmax(target) || softmax(logits))`` per position, in fp32: ``[..., V] -> [...]``."""
-    log_q = torch.log_softmax(logits.float(), dim=-1)
     log_p = torch.log_softmax(target_logits.float(), dim=-1)
-    return (log_p.exp() * (log_p - log_q)).sum(dim=-1)
+    kl: torch.Tensor = _ForwardKL.apply(logits, log_p, log_p.exp())
+    return kl
+
+
+@dataclass(frozen=True)
+class TTTLossPlan:
+    """Which positions of a packed batch each TTT step reads, as flat indices ``b * T + t``.
+
+    Built once per batch (:func:`plan_ttt_loss`) from the aligned document ids and loss mask.
+    Step ``s`` needs the draft logits at index ``t`` when ``t`` is scored at step ``s`` or at a
+    later step (the acceptance chain of a later step runs through this step's argmax), and
+    the verifier target at ``t + s``; nothing else enters the loss or the metrics, so the model
+    computes logits and targets only there.
+    """
+
+    valid: list[torch.Tensor]  # per step, [B*T] bool: scored at this step (step_valid_mask)
+    rows: list[torch.Tensor]  # per step, [N_s] int64 ascending: indices whose logits it reads
+    target_rows: torch.Tensor  # [U] int64 ascending: indices whose verifier targets are read
+    target_index: list[torch.Tensor]  # per step, [N_s] int64: where rows[s] + s is in target_rows
+
+
+def plan_ttt_loss(document_ids: torch.Tensor, loss_mask: torch.Tensor, steps: int) -> TTTLossPlan:
+    """The :class:`TTTLossPlan` of ``steps`` TTT steps over aligned ``[B, T]`` ids and mask."""
+    valid = [step_valid_mask(document_ids, loss_mask, s).reshape(-1) for s in range(steps)]
+    rows: list[torch.Tensor] = []
+    needed = torch.zeros_like(valid[0])
+    for step in reversed(range(steps)):
+        needed = needed | valid[step]
+        rows.insert(0, needed.nonzero().squeeze(1))
+    # rows[s] + s stays in the row of rows[s]: a needed index has a scored index >= s ahead.
+    wanted = torch.zeros_like(valid[0])
+    for step, index in enumerate(rows):
+        wanted[index + step] = True
+    target_rows = wanted.nonzero().squeeze(1)
+    position = wanted.long().cumsum(0) - 1  # index -> its place in target_rows
+    target_index = [position[index + step] for step, index in enumerate(rows)]
+    return TTTLossPlan(valid, rows, target_rows, target_index)
 
 
 def ttt_loss(
@@ -56,23 +139,46 @@ def ttt_loss(
     the aligned ones. Metric weights are the counts each metric averages over, so micro-batches
     combine exactly.
     """
+    plan = plan_ttt_loss(document_ids, loss_mask, len(step_logits))
+    vocab = target_logits.shape[-1]
+    return ttt_loss_rows(
+        plan,
+        [logits.reshape(-1, vocab)[rows] for logits, rows in zip(step_logits, plan.rows)],
+        target_logits.reshape(-1, vocab)[plan.target_rows],
+        step_loss_decay=step_loss_decay,
+    )
+
+
+def ttt_loss_rows(
+    plan: TTTLossPlan,
+    step_logits: Sequence[torch.Tensor],
+    target_logits: torch.Tensor,
+    *,
+    step_loss_decay: float = 1.0,
+) -> TrainingStepOutput:
+    """:func:`ttt_loss` from the rows the plan names: ``step_logits[s]`` is ``[N_s, Vd]`` at
+    ``plan.rows[s]``, ``target_logits`` ``[U, Vd]`` at ``plan.target_rows``."""
     device = target_logits.device
     total = torch.zeros((), device=device)
     metrics: dict[str, torch.Tensor] = {}
     weights: dict[str, torch.Tensor] = {}
-    chain = torch.ones_like(document_ids, dtype=torch.bool)  # correct at every step so far
-    target_ids = target_logits.argmax(dim=-1)  # [B, T]
+    # Once per batch, not per step: every step reads the same target distributions.
+    target_log_probs = torch.log_softmax(target_logits.float(), dim=-1)  # [U, Vd]
+    target_probs = target_log_probs.exp()
+    target_ids = target_logits.argmax(dim=-1)  # [U]
+    chain = torch.ones_like(plan.valid[0])  # [B*T]: correct at every step so far
     accept_len = torch.ones((), device=device)
     first_count = torch.zeros((), device=device)
     for step, logits in enumerate(step_logits):
-        valid = step_valid_mask(document_ids, loss_mask, step)  # [B, T]
+        rows, index, valid = plan.rows[step], plan.target_index[step], plan.valid[step]
         count = valid.sum()
-        kl = forward_kl(logits, shift_left(target_logits, step))  # [B, T]
-        step_loss = (step_loss_decay**step) * (kl * valid).sum() / count.clamp(min=1)
+        kl = _ForwardKL.apply(logits, target_log_probs[index], target_probs[index])  # [N_s]
+        step_loss = (step_loss_decay**step) * (kl * valid[rows]).sum() / count.clamp(min=1)
         total = total + step_loss
 
         with torch.no_grad():
-            correct = logits.argmax(dim=-1) == shift_left(target_ids, step)
+            correct = torch.zeros_like(chain)
+            correct[rows] = logits.argmax(dim=-1) == target_ids[index]
             survived = chain & valid  # chain intact before this step
             chain = chain & correct
             hits = (chain & valid).sum()

@@ -23,7 +23,8 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
@@ -48,13 +49,13 @@ from speculators_core import (
 from speculators_eagle3.alignment import align_batch, shift_left
 from speculators_eagle3.attention import (
     KVCache,
+    TTTMask,
     attend,
     select_attention_implementation,
-    ttt_attention_mask,
     ttt_block_mask,
 )
 from speculators_eagle3.config import DRAFT_LAYER_TYPES, Eagle3SpeculatorConfig
-from speculators_eagle3.loss import ttt_loss
+from speculators_eagle3.loss import plan_ttt_loss, ttt_loss_rows
 from speculators_eagle3.verifier import load_verifier_config, load_verifier_parts
 
 if TYPE_CHECKING:
@@ -428,35 +429,64 @@ class Eagle3DraftModel(SpeculatorModel):
         *,
         steps: int | None = None,
         attn_implementation: str | None = None,
+        logit_rows: Sequence[torch.Tensor] | None = None,
     ) -> list[torch.Tensor]:
         """Draft logits ``[B, T, Vd]`` of each TTT step, with teacher forcing.
 
         Step ``s`` reads at index ``t`` the true token ``x_{t+1+s}`` and the state the previous
         step produced at the same index; its queries see the masks of
-        :func:`~speculators_eagle3.attention.ttt_attention_mask`.
+        :func:`~speculators_eagle3.attention.ttt_attention_mask`. With ``logit_rows`` (one
+        tensor of flat indices ``b * T + t`` per step, as in
+        :class:`~speculators_eagle3.loss.TTTLossPlan`), step ``s`` returns only the logits of
+        those indices, ``[len(logit_rows[s]), Vd]``, and computes less: the LM head runs on
+        those rows only, and (except with flex attention) steps ``1..`` run only at the
+        positions some of them return. A position's later steps read nothing but its own
+        earlier states and block 0, which step 0 computes whole.
         """
         steps = self.ttt_steps if steps is None else steps
+        if logit_rows is not None and len(logit_rows) != steps:
+            raise SpeculatorsError(
+                f"logit_rows has {len(logit_rows)} entries for {steps} TTT steps; pass one "
+                "index tensor per step"
+            )
         implementation = select_attention_implementation(
             attn_implementation or self.attn_implementation, aux_hidden_states.device
         )
         feature = self.combine_aux(aux_hidden_states.to(self.fc.weight.dtype))  # [B, T, H]
         cache = KVCache(len(self.layers))
-        all_logits = []
+        # One mask object for every step: the dense masks share block 0, the split kernel
+        # the document runs.
+        masks = None if implementation == "flex" else TTTMask(document_ids)
+        compact: _CompactSteps | None = None
+        all_logits: list[torch.Tensor] = []
         for step in range(steps):
-            mask = (
-                ttt_block_mask(document_ids, step)
-                if implementation == "flex"
-                else ttt_attention_mask(document_ids, step)  # [B, 1, T, (step+1)*T]
-            )
+            step_ids, step_positions = shift_left(input_ids, step), position_ids + step
+            if step == 1 and logit_rows is not None and masks is not None:
+                # Steps 1.. run only at the positions some of them returns: a position's later
+                # steps read its own earlier states and block 0 (step 0's keys), nothing else.
+                compact = _CompactSteps.of(logit_rows[1:], *input_ids.shape)
+                if compact.positions.shape[1] == 0:  # no later step returns anything
+                    empty = feature.new_zeros(0, self.config.draft_vocab_size)
+                    return all_logits + [empty] * (steps - 1)
+                masks = masks.compacted(compact.positions)
+                feature = compact.gather(feature)  # [B, M, H]
+            if compact is not None:
+                step_ids, step_positions = compact.gather(step_ids), compact.gather(step_positions)
             h = self.decode(
-                shift_left(input_ids, step),
+                step_ids,
                 feature,
-                position_ids + step,
+                step_positions,
                 cache=cache,
-                mask=mask,
+                mask=ttt_block_mask(document_ids, step) if masks is None else masks,
                 implementation=implementation,
             )
-            logits, feature = self.head(h)  # [B, T, Vd], [B, T, H]
+            if logit_rows is None:
+                logits, feature = self.head(h)  # [B, T, Vd], [B, T, H]
+            else:
+                wanted = logit_rows[step] if compact is None else compact.index[logit_rows[step]]
+                rows = h.flatten(0, 1).index_select(0, wanted)  # [N_s, H]
+                logits = self.lm_head(self.norm(rows))  # [N_s, Vd]
+                feature = self.norm(h) if self.config.norm_output else h
             all_logits.append(logits)
         return all_logits
 
@@ -534,17 +564,23 @@ class Eagle3DraftModel(SpeculatorModel):
             # Uniform noise in [-std, std] on the verifier states (upstream's AddUniformNoise).
             aux = aux + (torch.rand_like(aux) - 0.5) * (2 * self.noise_std)
             last = last + (torch.rand_like(last) - 0.5) * (2 * self.noise_std)
-        targets = self.verifier_logits(last)  # [B, T, Vd]
+        input_ids, position_ids = aligned.input_ids, aligned.position_ids
+        document_ids, loss_mask = aligned.document_ids, aligned.loss_mask
+        if select_attention_implementation(self.attn_implementation, aux.device) != "flex":
+            # The padding after the last document of every row takes no part: nothing attends
+            # to it and it is never scored. Flex keeps the full length: its compiled kernel
+            # would recompile for every new one.
+            length = _used_length(document_ids)
+            aux, last = aux[:, :length], last[:, :length]
+            input_ids, position_ids = input_ids[:, :length], position_ids[:, :length]
+            document_ids, loss_mask = document_ids[:, :length], loss_mask[:, :length]
+        # Logits and targets only where the loss or the metrics read them (see TTTLossPlan).
+        plan = plan_ttt_loss(document_ids, loss_mask, self.ttt_steps)
+        targets = self.verifier_logits(last.flatten(0, 1)[plan.target_rows])  # [U, Vd]
         step_logits = self.ttt_forward(
-            aux, aligned.input_ids, aligned.document_ids, aligned.position_ids
+            aux, input_ids, document_ids, position_ids, logit_rows=plan.rows
         )
-        return ttt_loss(
-            step_logits,
-            targets,
-            aligned.document_ids,
-            aligned.loss_mask,
-            step_loss_decay=self.ttt_step_loss_decay,
-        )
+        return ttt_loss_rows(plan, step_logits, targets, step_loss_decay=self.ttt_step_loss_decay)
 
     def draft_session(self, *, batch_size: int = 1) -> Eagle3DraftSession:
         """A :class:`~speculators_eagle3.drafting.Eagle3DraftSession` for the reference decoder."""
@@ -784,6 +820,46 @@ class Eagle3DraftModel(SpeculatorModel):
             model.t2d.copy_(mapping[1])
         model.attach_verifier_parts(verifier)
         return model
+
+
+@dataclass(frozen=True)
+class _CompactSteps:
+    """The positions TTT steps ``1..`` run at: per row, the ones listed, packed to the left."""
+
+    positions: torch.Tensor  # [B, M] int64: the position t of each slot, -1 = padding
+    slots: torch.Tensor  # [B, M] int64: positions with padding clamped to 0 (for gathers)
+    index: torch.Tensor  # [B*T] int64: flat b*T+t -> flat b*M+slot (-1 where not listed)
+
+    @classmethod
+    def of(cls, rows: Sequence[torch.Tensor], batch: int, length: int) -> _CompactSteps:
+        """The union of the flat indices ``b * T + t`` in ``rows``."""
+        listed = torch.zeros(batch * length, dtype=torch.bool, device=rows[0].device)
+        for index in rows:
+            listed[index] = True
+        flat = listed.nonzero().squeeze(1)  # ascending: row by row, position by position
+        row, position = flat // length, flat % length
+        counts = torch.bincount(row, minlength=batch)
+        width = int(counts.max()) if flat.numel() else 0
+        slot = torch.arange(flat.numel(), device=flat.device) - (counts.cumsum(0) - counts)[row]
+        positions = torch.full((batch, width), -1, dtype=torch.long, device=flat.device)
+        positions[row, slot] = position
+        index = torch.full((batch * length,), -1, dtype=torch.long, device=flat.device)
+        index[flat] = row * width + slot
+        return cls(positions, positions.clamp(min=0), index)
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` ``[B, T, ...]`` at the slots: ``[B, M, ...]``."""
+        slots = self.slots.reshape(*self.slots.shape, *([1] * (x.dim() - 2)))
+        return x.gather(1, slots.expand(-1, -1, *x.shape[2:]))
+
+
+def _used_length(document_ids: torch.Tensor) -> int:
+    """Indices ``0..L-1`` hold every position of ``document_ids`` (``[B, T]``) in a document.
+
+    Past them a row holds only padding; at least 1, so that shapes stay non-empty.
+    """
+    in_document = (document_ids >= 0).any(dim=0).nonzero()
+    return int(in_document[-1]) + 1 if in_document.numel() else 1
 
 
 def _resolve_vocab_mapping(

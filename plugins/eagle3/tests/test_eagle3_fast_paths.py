@@ -1,0 +1,107 @@
+"""The training step's shortcuts change nothing: trimmed padding, logit rows, the split kernel."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from eagle3_helpers import AUX_IDS, pack_rows, random_samples
+from speculators_eagle3 import Eagle3DraftModel
+from speculators_eagle3.alignment import align_batch
+from speculators_eagle3.loss import plan_ttt_loss
+
+
+def make_model(verifier: Path, implementation: str, **options: Any) -> Eagle3DraftModel:
+    """A draft whose weights are all moved off their initial values (same seed every time)."""
+    model = Eagle3DraftModel.from_verifier(
+        verifier, aux_layer_ids=AUX_IDS, attn_implementation=implementation, **options
+    )
+    generator = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.requires_grad:
+                noise = torch.randn(param.shape, generator=generator)
+                param.copy_(1.0 + 0.2 * noise if "norm" in name else 0.1 * noise)
+    return model.eval()
+
+
+def step_and_grads(
+    model: Eagle3DraftModel, batch: dict[str, torch.Tensor]
+) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    out = model.training_step(batch)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    metrics = {key: value.item() for key, value in out.metrics.items()}
+    metrics.update({f"weight:{key}": float(value) for key, value in out.weights.items()})
+    return metrics, grads
+
+
+def assert_same_step(
+    a: tuple[dict[str, float], dict[str, torch.Tensor]],
+    b: tuple[dict[str, float], dict[str, torch.Tensor]],
+) -> None:
+    assert a[0].keys() == b[0].keys()
+    for key in a[0]:
+        assert a[0][key] == pytest.approx(b[0][key], rel=1e-5, abs=1e-6), key
+    assert a[1].keys() == b[1].keys() and len(a[1]) > 5
+    for name in a[1]:
+        torch.testing.assert_close(a[1][name], b[1][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_padding_does_not_change_the_training_step(
+    tiny_verifier: Path, verifier_model: Any
+) -> None:
+    """The same documents in tight rows and in rows of mostly padding: same loss, metrics, grads."""
+    samples = random_samples(verifier_model, [*AUX_IDS, 4], [9, 6, 12], seed=21)
+    model = make_model(tiny_verifier, "sdpa", draft_vocab_size=90, token_counts=torch.arange(259))
+    tight = pack_rows(samples, row_length=15)  # rows [9, 6] and [12, pad 3]
+    padded = pack_rows(samples, row_length=40)  # one row [9, 6, 12, pad 13]
+    padded_twice = {
+        key: torch.cat([value, value.new_zeros(value.shape)], 0) for key, value in padded.items()
+    }
+    padded_twice["document_ids"][1] = -1  # a second row of nothing but padding
+    assert_same_step(step_and_grads(model, tight), step_and_grads(model, padded))
+    assert_same_step(step_and_grads(model, padded), step_and_grads(model, padded_twice))
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"num_layers": 2, "norm_output": True, "layer_type": "qwen3"}],
+    ids=["llama", "qwen3-2-layers-norm-output"],
+)
+def test_split_sdpa_and_dense_eager_training_steps_agree(
+    tiny_verifier: Path, verifier_model: Any, options: dict[str, Any]
+) -> None:
+    """SDPA on the CPU (split kernel) and eager (dense masks) give the same step and gradients."""
+    samples = random_samples(verifier_model, [*AUX_IDS, 4], [10, 2, 7, 13], seed=22)
+    batch = pack_rows(samples, row_length=24)  # a document of 2 positions: alone after the shift
+    split = step_and_grads(make_model(tiny_verifier, "sdpa", **options), batch)
+    dense = step_and_grads(make_model(tiny_verifier, "eager", **options), batch)
+    assert_same_step(split, dense)
+
+
+@pytest.mark.parametrize("norm_output", [False, True])
+def test_ttt_forward_logit_rows_are_rows_of_the_full_logits(
+    tiny_verifier: Path, verifier_model: Any, norm_output: bool
+) -> None:
+    """``logit_rows`` returns exactly the named rows of every step's full logits."""
+    samples = random_samples(verifier_model, [*AUX_IDS, 4], [8, 11, 5], seed=23)
+    aligned = align_batch(**pack_rows(samples, row_length=20))
+    model = make_model(tiny_verifier, "sdpa", norm_output=norm_output)
+    inputs = (
+        aligned.aux_hidden_states,
+        aligned.input_ids,
+        aligned.document_ids,
+        aligned.position_ids,
+    )
+    plan = plan_ttt_loss(aligned.document_ids, aligned.loss_mask, 3)
+    with torch.no_grad():
+        full = model.ttt_forward(*inputs, steps=3)
+        rows = model.ttt_forward(*inputs, steps=3, logit_rows=plan.rows)
+    for step in range(3):
+        assert rows[step].shape == (plan.rows[step].numel(), full[step].shape[-1])
+        expected = full[step].flatten(0, 1)[plan.rows[step]]
+        torch.testing.assert_close(rows[step], expected, rtol=1e-5, atol=1e-6)
