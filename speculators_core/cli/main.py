@@ -33,7 +33,9 @@ BUILTIN_COMMANDS: dict[str, str] = {
     "train": "speculators_core.cli.train:train_command",
     "eval": "speculators_core.cli.eval_cmd:eval_command",
     "check": "speculators_core.cli.check:check_command",
+    "convert": "speculators_core.cli.convert:convert_command",
     "serve": "speculators_core.cli.serve:serve_command",
+    "quickstart": "speculators_core.cli.quickstart:quickstart_command",
 }
 
 

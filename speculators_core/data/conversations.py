@@ -319,6 +319,22 @@ def _chain(iterables: Iterable[Iterator[Any]]) -> Iterator[Any]:
         yield from it
 
 
+def first_turns(conversation: Conversation, max_turns: int) -> Conversation:
+    """The conversation up to and including its ``max_turns``-th assistant turn.
+
+    A system message and the user turns before each kept answer stay; later turns are dropped.
+    """
+    if max_turns < 1:
+        raise ValueError(f"max_turns must be at least 1, not {max_turns}")
+    answers = 0
+    for end, turn in enumerate(conversation):
+        if turn.role == "assistant":
+            answers += 1
+            if answers == max_turns:
+                return list(conversation[: end + 1])
+    return list(conversation)
+
+
 def load_conversations(
     sources: Sequence[str | os.PathLike[str]] | str | os.PathLike[str],
     *,

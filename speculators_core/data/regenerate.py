@@ -36,6 +36,7 @@ from speculators_core.data.conversations import (
     SkipRecord,
     Turn,
     describe_source,
+    first_turns,
     load_conversations,
     normalize_record,
 )
@@ -264,10 +265,13 @@ def regenerate_data(
     overwrite: bool = False,
     progress: bool = False,
     generator: Generator | None = None,
+    max_turns: int | None = None,
 ) -> DataSummary:
     """Regenerate the assistant turns of chat data and write prepared data (resumable).
 
-    ``generator`` overrides the backend (tests pass a wrapped one).
+    ``max_turns`` keeps each conversation only up to its ``max_turns``-th answer (1: the first
+    user turn and the verifier's answer to it, the cheapest data to regenerate). ``generator``
+    overrides the backend (tests pass a wrapped one).
     """
     from tqdm.auto import tqdm
 
@@ -285,6 +289,8 @@ def regenerate_data(
     renderer = ChatRenderer.from_verifier(folder, seq_length=seq_length)
     skipped = SkipCounter()
     conversations = load_conversations(sources, split=split, seed=seed, skipped=skipped)
+    if max_turns is not None:
+        conversations = [first_turns(c, max_turns) for c in conversations]
     if max_samples is not None:
         conversations = conversations[:max_samples]
     if not conversations:
@@ -299,6 +305,7 @@ def regenerate_data(
         "seed": seed,
         "seq_length": seq_length,
         "max_samples": max_samples,
+        "max_turns": max_turns,
         "chunk_size": chunk_size,
         "batch_size": batch_size,
         "backend": backend,
@@ -334,28 +341,34 @@ def regenerate_data(
                 unit="conv",
                 disable=not progress,
             )
-            for k in todo:
-                chunk = conversations[k * chunk_size : (k + 1) * chunk_size]
-                chunk_skips = SkipCounter()
-                new = regenerate_conversations(
-                    chunk,
-                    renderer=renderer,
-                    generator=gen,
-                    settings=settings,
-                    seed=settings.seed + k * 7919,
-                    skipped=chunk_skips,
-                )
-                with (
-                    atomic_file(work / f"chunk-{k:05d}.jsonl") as tmp,
-                    tmp.open("w", encoding="utf-8") as handle,
-                ):
-                    handle.write(json.dumps({"skipped": chunk_skips.to_json()}) + "\n")
-                    for conv in new:
-                        record = (
-                            None if conv is None else {"messages": [t.to_message() for t in conv]}
-                        )
-                        handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-                bar.update(len(chunk))
+            try:
+                for k in todo:
+                    chunk = conversations[k * chunk_size : (k + 1) * chunk_size]
+                    chunk_skips = SkipCounter()
+                    new = regenerate_conversations(
+                        chunk,
+                        renderer=renderer,
+                        generator=gen,
+                        settings=settings,
+                        seed=settings.seed + k * 7919,
+                        skipped=chunk_skips,
+                    )
+                    with (
+                        atomic_file(work / f"chunk-{k:05d}.jsonl") as tmp,
+                        tmp.open("w", encoding="utf-8") as handle,
+                    ):
+                        handle.write(json.dumps({"skipped": chunk_skips.to_json()}) + "\n")
+                        for conv in new:
+                            record = (
+                                None
+                                if conv is None
+                                else {"messages": [t.to_message() for t in conv]}
+                            )
+                            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+                    bar.update(len(chunk))
+            finally:
+                if generator is None and hasattr(gen, "close"):
+                    gen.close()  # stop a vLLM engine now, not when it is collected
             bar.close()
         regenerated: list[Conversation] = []
         for k in range(num_chunks):

@@ -667,16 +667,20 @@ def capture_to_store(
                 unit_scale=True,
                 disable=not progress,
             )
-            for index in todo:
-                samples = [data[i] for i in writer.shard_range(index)]
-                lengths = [int(s["input_ids"].numel()) for s in samples]
-                for batch in plan_batches_for(lengths, batch_size, max_batch_tokens):
-                    states = capture.capture_batch([samples[i]["input_ids"] for i in batch])
-                    for i, st in zip(batch, states, strict=True):
-                        samples[i]["hidden_states"] = st.to(store_dtype)
-                    bar.update(sum(lengths[i] for i in batch))
-                    processed += sum(lengths[i] for i in batch)
-                writer.write_shard(index, samples, dtype=store_dtype)
+            try:
+                for index in todo:
+                    samples = [data[i] for i in writer.shard_range(index)]
+                    lengths = [int(s["input_ids"].numel()) for s in samples]
+                    for batch in plan_batches_for(lengths, batch_size, max_batch_tokens):
+                        states = capture.capture_batch([samples[i]["input_ids"] for i in batch])
+                        for i, st in zip(batch, states, strict=True):
+                            samples[i]["hidden_states"] = st.to(store_dtype)
+                        bar.update(sum(lengths[i] for i in batch))
+                        processed += sum(lengths[i] for i in batch)
+                    writer.write_shard(index, samples, dtype=store_dtype)
+            finally:
+                if backend_factory is None and hasattr(capture, "close"):
+                    capture.close()  # stop a vLLM engine now, not when it is collected
             bar.close()
         manifest = writer.finish(
             {

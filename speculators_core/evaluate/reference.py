@@ -35,7 +35,47 @@ __all__ = [
     "ReferenceDecoder",
     "accept_greedy",
     "accept_sampled",
+    "fastest_decode_threads",
 ]
+
+
+@torch.no_grad()
+def fastest_decode_threads(verifier: nn.Module, *, repeats: int = 3) -> int:
+    """The torch thread count (the current one, or 1) that runs a small cached forward faster.
+
+    A decoding step is a few tokens through every layer: hundreds of small kernels, each a
+    parallel region whose threads meet at a barrier. On a quiet machine more threads are a bit
+    faster; on a busy one a descheduled thread stalls every barrier and a step becomes several
+    times slower than with one thread (seen: 145 ms with 1 thread, 700-1200 ms with 2, for
+    SmolLM2 on a loaded 2-core CPU). Timing both settings on a short cache decides.
+    """
+    from transformers import DynamicCache
+
+    current = torch.get_num_threads()
+    if current <= 1:
+        return current
+    config: Any = verifier.config
+    device = next(verifier.parameters()).device
+    vocab = int(getattr(config, "vocab_size", 2))
+    generator = torch.Generator().manual_seed(0)
+    context = torch.randint(0, vocab, (1, 64), generator=generator).to(device)
+    step = torch.randint(0, vocab, (1, 4), generator=generator).to(device)
+    timings: dict[int, float] = {}
+    try:
+        for threads in (current, 1):
+            torch.set_num_threads(threads)
+            cache = DynamicCache(config=config)
+            verifier(input_ids=context, past_key_values=cache, use_cache=True)
+            best = float("inf")
+            for _ in range(repeats):
+                started = time.perf_counter()
+                verifier(input_ids=step, past_key_values=cache, use_cache=True)
+                cache.crop(64)
+                best = min(best, time.perf_counter() - started)
+            timings[threads] = best
+    finally:
+        torch.set_num_threads(current)
+    return min(timings, key=lambda t: (timings[t], -t))
 
 
 @dataclass

@@ -84,6 +84,8 @@ class TrainerState:
     num_epochs: int = 0
     #: Non-padding tokens trained on, over all processes.
     tokens_seen: int = 0
+    #: Wall-clock seconds spent in training steps (validation and saving excluded), over resumes.
+    train_seconds: float = 0.0
     train_samples: int = 0
     val_samples: int = 0
     #: Best value of ``args.metric_for_best`` seen in any validation, and its step.

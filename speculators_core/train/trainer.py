@@ -359,7 +359,9 @@ class Trainer:
                 state.tokens_seen += tokens
                 window.merge(step_sums)
                 window_tokens += tokens
-                window_seconds += time.perf_counter() - step_started
+                step_seconds = time.perf_counter() - step_started
+                window_seconds += step_seconds
+                state.train_seconds += step_seconds
                 control = handler.call("on_step_end", args, state, control, **common)
 
                 if control.should_log:
@@ -370,6 +372,7 @@ class Trainer:
                     logs["tokens_per_s"] = (
                         window_tokens / window_seconds if window_seconds > 0 else 0.0
                     )
+                    logs["train_seconds"] = state.train_seconds
                     state.log_history.append({"step": state.global_step, **logs})
                     last_logs.update(logs)
                     window, window_tokens, window_seconds = WeightedSums(), 0, 0.0

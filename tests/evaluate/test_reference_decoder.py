@@ -192,3 +192,18 @@ def test_stats_merge_and_derived_rates():
     assert a.mean_acceptance_length == pytest.approx(1 + 6 / 4)
     assert a.acceptance_rate_per_position == [0.75, 0.5, 0.25]
     assert a.conditional_acceptance_per_position == pytest.approx([0.75, 2 / 3, 0.5])
+
+
+def test_decode_thread_choice_is_one_of_the_two_and_leaves_threads_as_they_were(verifier):
+    from speculators_core.evaluate.reference import fastest_decode_threads
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert fastest_decode_threads(verifier) in (1, 2)
+        assert torch.get_num_threads() == 2
+        torch.set_num_threads(1)
+        assert fastest_decode_threads(verifier) == 1  # nothing to choose between
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

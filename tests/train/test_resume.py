@@ -56,7 +56,7 @@ def _finish(proc: subprocess.Popen[str]) -> tuple[int, str]:
 
 
 def _records(path: Path) -> list[dict]:
-    strip = {"tokens_per_s"}  # wall-clock, differs between runs
+    strip = {"tokens_per_s", "train_seconds"}  # wall-clock, differs between runs
     return [
         {k: v for k, v in json.loads(line).items() if k not in strip}
         for line in path.read_text().splitlines()

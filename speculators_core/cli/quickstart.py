@@ -1,0 +1,204 @@
+"""``speculators quickstart``: the whole pipeline on the embedded default (or your own model)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+__all__ = ["quickstart_command"]
+
+
+@click.command("quickstart")
+@click.option(
+    "--verifier",
+    default="smollm2",
+    show_default=True,
+    help="Verifier model folder, or 'smollm2' (SmolLM2-135M-Instruct, embedded).",
+)
+@click.option(
+    "--data",
+    "data",
+    multiple=True,
+    default=("sharegpt",),
+    show_default=True,
+    help="Chat data: 'sharegpt' (built in, training split) or .json/.jsonl files or folders. Repeatable.",
+)
+@click.option(
+    "--output",
+    type=click.Path(path_type=Path),
+    default=Path("quickstart-output"),
+    show_default=True,
+    help="Run folder: data/, train/, speculator/ (the draft), report.json and the plots.",
+)
+@click.option(
+    "--budget-minutes",
+    type=float,
+    default=30.0,
+    show_default=True,
+    help="Wall-clock budget of the whole run; training gets what data and evaluation leave.",
+)
+@click.option(
+    "--samples",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Training conversations (default: 16 per budget minute).",
+)
+@click.option(
+    "--regenerate/--no-regenerate",
+    default=True,
+    show_default=True,
+    help="Answer each conversation's first user turn again with the verifier (greedy).",
+)
+@click.option(
+    "--max-new-tokens",
+    type=click.IntRange(min=1),
+    default=256,
+    show_default=True,
+    help="Tokens per regenerated answer.",
+)
+@click.option("--draft-vocab-size", type=click.IntRange(min=1), default=4096, show_default=True)
+@click.option(
+    "-k",
+    "--num-speculative-tokens",
+    "k",
+    type=click.IntRange(min=1),
+    default=3,
+    show_default=True,
+    help="Draft tokens per round (served and evaluated).",
+)
+@click.option(
+    "--ttt-steps",
+    type=click.IntRange(min=1),
+    default=3,
+    show_default=True,
+    help="EAGLE-3 training-time-test steps.",
+)
+@click.option("--learning-rate", type=float, default=1e-3, show_default=True)
+@click.option(
+    "--train-seq-len",
+    type=click.IntRange(min=16),
+    default=2048,
+    show_default=True,
+    help="Tokens per packed training row.",
+)
+@click.option(
+    "--generation-backend",
+    type=click.Choice(["auto", "vllm", "transformers"]),
+    default="auto",
+    show_default=True,
+    help="Engine that regenerates answers (auto: vLLM when installed).",
+)
+@click.option(
+    "--prompts",
+    "prompt_source",
+    default="sharegpt-heldout",
+    show_default=True,
+    help="Evaluation prompts: 'sharegpt-heldout' (first user turn of held-out ShareGPT "
+    "records) or a .txt/.jsonl/.json file.",
+)
+@click.option(
+    "--eval-prompts",
+    type=click.IntRange(min=1),
+    default=32,
+    show_default=True,
+    help="Prompts evaluated.",
+)
+@click.option(
+    "--eval-max-new-tokens",
+    type=click.IntRange(min=1),
+    default=128,
+    show_default=True,
+    help="Tokens generated per evaluation prompt.",
+)
+@click.option(
+    "--eval-reserve-minutes",
+    type=float,
+    default=4.0,
+    show_default=True,
+    help="Minutes of the budget kept for evaluation and the report.",
+)
+@click.option(
+    "--reference-eval/--no-reference-eval",
+    default=True,
+    show_default=True,
+    help="Also measure acceptance with the reference decoder (transformers).",
+)
+@click.option(
+    "--vllm-eval/--no-vllm-eval",
+    default=True,
+    show_default=True,
+    help="Measure acceptance with vLLM (when installed).",
+)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--resume", is_flag=True, help="Continue an interrupted run in --output.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --output.")
+def quickstart_command(
+    verifier: str,
+    data: tuple[str, ...],
+    output: Path,
+    budget_minutes: float,
+    samples: int | None,
+    regenerate: bool,
+    max_new_tokens: int,
+    draft_vocab_size: int,
+    k: int,
+    ttt_steps: int,
+    learning_rate: float,
+    train_seq_len: int,
+    generation_backend: str,
+    prompt_source: str,
+    eval_prompts: int,
+    eval_max_new_tokens: int,
+    eval_reserve_minutes: float,
+    reference_eval: bool,
+    vllm_eval: bool,
+    seed: int,
+    resume: bool,
+    overwrite: bool,
+) -> None:
+    """Train an EAGLE-3 draft for a verifier end to end and measure it.
+
+    On the embedded default (SmolLM2-135M-Instruct and ShareGPT): regenerate answers with the
+    verifier, capture hidden states, build the draft vocabulary, train for what is left of
+    --budget-minutes, evaluate on held-out prompts with vLLM (when installed) and the reference
+    decoder, and write OUTPUT/speculator (the draft), OUTPUT/report.json, OUTPUT/acceptance.png
+    and OUTPUT/training.png. Interrupted runs continue with --resume.
+    """
+    from speculators_core.quickstart.pipeline import run_quickstart
+    from speculators_core.quickstart.settings import QuickstartSettings
+
+    settings = QuickstartSettings(
+        verifier=verifier,
+        data=list(data),
+        budget_minutes=budget_minutes,
+        samples=samples,
+        regenerate=regenerate,
+        max_new_tokens=max_new_tokens,
+        draft_vocab_size=draft_vocab_size,
+        k=k,
+        ttt_steps=ttt_steps,
+        learning_rate=learning_rate,
+        train_seq_len=train_seq_len,
+        generation_backend=generation_backend,
+        eval_prompt_source=prompt_source,
+        eval_prompts=eval_prompts,
+        eval_max_new_tokens=eval_max_new_tokens,
+        eval_reserve_minutes=eval_reserve_minutes,
+        reference_eval=reference_eval,
+        vllm_eval=vllm_eval,
+        seed=seed,
+    )
+    result = run_quickstart(settings, output, resume=resume, overwrite=overwrite, echo=click.echo)
+    report = result.report
+    click.echo("")
+    tau = report.get("mean_acceptance_length")
+    if tau is not None:
+        click.echo(
+            f"mean acceptance length {tau:.3f} at k={k} (greedy, {report['measured_by']}, "
+            f"{eval_prompts} prompts); the whole run took {report['total_seconds'] / 60:.1f} min"
+        )
+    click.echo(f"draft: {result.speculator}")
+    click.echo(f"report: {result.output / 'report.json'} (plots: acceptance.png, training.png)")
+    click.echo("serve it with:")
+    click.echo(f"  {result.serve_command}")

@@ -1,0 +1,122 @@
+"""The quickstart's report: ``report.json``, ``acceptance.png``, ``training.png``, the serve line."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from speculators_core.fsutil import atomic_file
+from speculators_core.quickstart.settings import QuickstartSettings
+
+__all__ = ["plot_training", "serve_command", "training_curves", "write_report"]
+
+REPORT_NAME = "report.json"
+
+
+def serve_command(speculator: Path) -> str:
+    """The shell line that serves ``speculator`` with vLLM (the CPU settings included on a CPU)."""
+    from speculators_core.cli.serve import build_serve_command
+
+    return build_serve_command(speculator).shell()
+
+
+def training_curves(run_dir: Path) -> dict[str, list[tuple[float, float]]]:
+    """``(training minutes, value)`` series of the run's training loss and validation metrics.
+
+    Read from ``metrics.jsonl``; minutes are the sum of logged step times, so they measure
+    training alone (validation and checkpoint writing excluded) and continue across a resume.
+    """
+    path = run_dir / "metrics.jsonl"
+    curves: dict[str, list[tuple[float, float]]] = {}
+    if not path.is_file():
+        return curves
+    minutes = 0.0
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by an interruption
+        if "loss" in record and "train_seconds" in record:
+            minutes = float(record["train_seconds"]) / 60.0
+            curves.setdefault("loss", []).append((minutes, float(record["loss"])))
+        for key in ("val_loss", "val_est_accept_len"):
+            if key in record:
+                curves.setdefault(key, []).append((minutes, float(record[key])))
+    return curves
+
+
+def plot_training(curves: dict[str, list[tuple[float, float]]], path: Path, *, title: str) -> None:
+    """Training loss and validation loss (left), validation acceptance estimate (right)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4), dpi=120)
+    for key, label in (("loss", "training loss"), ("val_loss", "validation loss")):
+        if curves.get(key):
+            xs, ys = zip(*curves[key])
+            left.plot(xs, ys, marker="." if key == "val_loss" else None, label=label)
+    left.set_xlabel("training minutes")
+    left.set_ylabel("loss (forward KL, summed over TTT steps)")
+    left.legend(fontsize=8)
+    if curves.get("val_est_accept_len"):
+        xs, ys = zip(*curves["val_est_accept_len"])
+        right.plot(xs, ys, marker="o")
+    right.set_xlabel("training minutes")
+    right.set_ylabel("estimated acceptance length (validation)")
+    right.set_title("1 + sum of per-step full accuracies", fontsize=9)
+    fig.suptitle(title)
+    fig.tight_layout()
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+def write_report(
+    out: Path,
+    stages: dict[str, dict[str, Any]],
+    settings: QuickstartSettings,
+    speculator: Path,
+    results: list[dict[str, Any]],
+    *,
+    run_dir: Path,
+) -> dict[str, Any]:
+    """Write ``report.json`` and the two plots into ``out``; return the report."""
+    from speculators_core.evaluate.plots import plot_acceptance
+
+    curves = training_curves(run_dir)
+    total = sum(float(s.get("seconds", 0.0)) for s in stages.values())
+    by_engine = {r["engine"]: r for r in results}
+    headline = by_engine.get("vllm") or by_engine.get("reference")
+    report: dict[str, Any] = {
+        "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "speculator": str(speculator),
+        "settings": settings.to_json(),
+        "stage_seconds": {
+            name: round(float(s.get("seconds", 0.0)), 1) for name, s in stages.items()
+        },
+        "total_seconds": round(total, 1),
+        "data": stages.get("data", {}),
+        "hidden_states": stages.get("hidden-states", {}),
+        "vocab": stages.get("vocab", {}),
+        "train": {**stages.get("train-plan", {}), **stages.get("train", {})},
+        "training_curves": {k: [list(p) for p in v] for k, v in curves.items()},
+        "evaluation": results,
+        "mean_acceptance_length": headline["mean_acceptance_length"] if headline else None,
+        "measured_by": headline["engine"] if headline else None,
+        "serve_command": serve_command(speculator),
+    }
+    with atomic_file(out / REPORT_NAME) as tmp:
+        tmp.write_text(json.dumps(report, indent=2) + "\n")
+    if results:
+        plot_acceptance(
+            {r["engine"]: r["acceptance_rate_per_position"] for r in results},
+            out / "acceptance.png",
+            title=f"held-out acceptance per draft position (k={settings.k}, greedy)",
+            mean_lengths={r["engine"]: r["mean_acceptance_length"] for r in results},
+        )
+    plot_training(curves, out / "training.png", title=f"{settings.algorithm} training")
+    return report

@@ -1,0 +1,112 @@
+"""The quickstart's settings: what the pipeline does, and how a budget sizes its stages."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from speculators_core.errors import SpeculatorsError
+
+__all__ = ["QuickstartSettings", "default_samples"]
+
+#: Conversations regenerated per budget minute by default. Measured on a 2-core CPU with vLLM
+#: for CPU: regenerating and capturing one first-turn conversation (about 250 tokens) costs about
+#: 1.6 s there, and the pipeline gives data about 40% of the budget; the rest goes to training
+#: and evaluation. A faster machine simply trains more epochs over the same data.
+SAMPLES_PER_BUDGET_MINUTE = 16
+
+
+def default_samples(budget_minutes: float) -> int:
+    """Training conversations regenerated for a budget of ``budget_minutes``."""
+    return max(32, round(budget_minutes * SAMPLES_PER_BUDGET_MINUTE))
+
+
+@dataclass
+class QuickstartSettings:
+    """Everything ``speculators quickstart`` does; recorded so a resumed run can be checked.
+
+    Fields in :attr:`RESUME_FREE` may change when a run is resumed; the others decide the data
+    and the draft, and must stay the same.
+    """
+
+    #: Verifier model folder, or ``smollm2`` (the embedded default).
+    verifier: str = "smollm2"
+    #: Chat data: ``sharegpt`` (built in, training split) or files/folders of conversations.
+    data: list[str] = field(default_factory=lambda: ["sharegpt"])
+    algorithm: str = "eagle3"
+    #: Wall-clock budget of the whole pipeline, in minutes (data, training and evaluation).
+    budget_minutes: float = 30.0
+    #: Training conversations (default: :func:`default_samples` of the budget).
+    samples: int | None = None
+    #: Replace the data's answers with the verifier's own greedy answers (first turn only).
+    regenerate: bool = True
+    #: Tokens the verifier writes per regenerated answer.
+    max_new_tokens: int = 256
+    #: Regeneration engine: ``auto`` (vLLM when installed, else transformers), ``vllm`` or
+    #: ``transformers``.
+    generation_backend: str = "auto"
+    #: Prompts longer than this are skipped; samples are truncated to it.
+    seq_length: int = 1024
+    #: Draft vocabulary: the most frequent supervised tokens of the training data.
+    draft_vocab_size: int = 4096
+    #: Draft tokens per round, and TTT steps of EAGLE-3 training.
+    k: int = 3
+    ttt_steps: int = 3
+    learning_rate: float = 1e-3
+    #: Packed row length of training batches.
+    train_seq_len: int = 2048
+    #: Minutes kept for evaluation and the report after training.
+    eval_reserve_minutes: float = 4.0
+    #: Held-out evaluation: where the prompts come from (``sharegpt-heldout`` or a file), how
+    #: many, new tokens per prompt.
+    eval_prompt_source: str = "sharegpt-heldout"
+    eval_prompts: int = 32
+    eval_max_new_tokens: int = 128
+    #: Evaluation engines: reference decoder and/or vLLM (vLLM is skipped when not installed).
+    reference_eval: bool = True
+    vllm_eval: bool = True
+    seed: int = 0
+
+    #: Fields that may differ on resume: they do not change the data or the draft's definition.
+    RESUME_FREE = (
+        "budget_minutes",
+        "eval_reserve_minutes",
+        "eval_prompt_source",
+        "eval_prompts",
+        "eval_max_new_tokens",
+        "reference_eval",
+        "vllm_eval",
+    )
+
+    def __post_init__(self) -> None:
+        if self.budget_minutes <= 0:
+            raise SpeculatorsError(f"--budget-minutes must be positive, not {self.budget_minutes}")
+        if self.samples is None:
+            self.samples = default_samples(self.budget_minutes)
+        for name in ("samples", "max_new_tokens", "seq_length", "draft_vocab_size", "k"):
+            if getattr(self, name) < 1:
+                raise SpeculatorsError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.generation_backend not in ("auto", "vllm", "transformers"):
+            raise SpeculatorsError(
+                f"unknown generation backend '{self.generation_backend}'; use auto, vllm or transformers"
+            )
+        if self.eval_reserve_minutes < 0:
+            raise SpeculatorsError("--eval-reserve-minutes must be 0 or more")
+        if self.ttt_steps < 1 or self.eval_prompts < 1 or self.eval_max_new_tokens < 1:
+            raise SpeculatorsError(
+                "--ttt-steps, --eval-prompts and --eval-max-new-tokens must be >= 1"
+            )
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict of the fields."""
+        return dataclasses.asdict(self)
+
+    def changed_fixed_fields(self, recorded: dict[str, Any]) -> list[str]:
+        """The fields that differ from ``recorded`` and may not change on resume."""
+        mine = self.to_json()
+        return [
+            name
+            for name in mine
+            if name not in self.RESUME_FREE and recorded.get(name) != mine[name]
+        ]

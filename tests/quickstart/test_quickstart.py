@@ -1,0 +1,233 @@
+"""``speculators quickstart`` end to end on a tiny verifier: stages, budget, report, resume, errors.
+
+The real run (SmolLM2, ShareGPT, vLLM) is the README's first command and is measured in
+``benchmarks/README.md``; here every stage runs for real on a tiny random Llama with the
+transformers backends, in about a minute.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from _support import run_cli
+from safetensors.torch import load_file
+
+from speculators_core.testing import make_tiny_verifier
+
+pytest.importorskip("speculators_eagle3")
+
+BUDGET_MINUTES = 0.6
+RESERVE_MINUTES = 0.1
+QUESTIONS = [
+    "How do plants grow?",
+    "Tell me about the sea.",
+    "What is a good breakfast?",
+    "Why is the sky blue?",
+    "Name three colours.",
+    "How do I bake bread?",
+    "What do cats eat?",
+    "Explain rain to a child.",
+    "Where do birds sleep?",
+    "Write a line about the moon.",
+    "What is music?",
+    "How far is the sun?",
+]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("quickstart")
+    make_tiny_verifier(root / "verifier", num_layers=8)
+    with (root / "chats.jsonl").open("w") as handle:
+        for q in QUESTIONS:
+            messages = [{"role": "user", "content": q}, {"role": "assistant", "content": "ok."}]
+            handle.write(json.dumps({"messages": messages}) + "\n")
+    (root / "prompts.txt").write_text("How do trees drink?\nWhat is snow?\nTell me a fact.\n")
+    return root
+
+
+def _args(root: Path, output: Path, *extra: str) -> list[str]:
+    return [
+        "quickstart",
+        "--verifier",
+        str(root / "verifier"),
+        "--data",
+        str(root / "chats.jsonl"),
+        "--output",
+        str(output),
+        "--budget-minutes",
+        str(BUDGET_MINUTES),
+        "--eval-reserve-minutes",
+        str(RESERVE_MINUTES),
+        "--samples",
+        "12",
+        "--max-new-tokens",
+        "24",
+        "--draft-vocab-size",
+        "64",
+        "--train-seq-len",
+        "256",
+        "--generation-backend",
+        "transformers",
+        "--no-vllm-eval",
+        "--prompts",
+        str(root / "prompts.txt"),
+        "--eval-prompts",
+        "3",
+        "--eval-max-new-tokens",
+        "16",
+        *extra,
+    ]
+
+
+@pytest.fixture(scope="module")
+def finished_run(workdir: Path) -> tuple[Path, str]:
+    out = workdir / "run"
+    result = run_cli(_args(workdir, out), env={"SPECULATORS_STRICT_PLUGINS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out, result.stdout
+
+
+def test_quickstart_writes_a_served_draft_and_a_consistent_report(finished_run):
+    out, stdout = finished_run
+    report = json.loads((out / "report.json").read_text())
+    state = json.loads((out / "quickstart.json").read_text())
+
+    # Every stage ran once and recorded itself.
+    assert set(state["stages"]) == {
+        "data",
+        "hidden-states",
+        "vocab",
+        "train-plan",
+        "train",
+        "eval",
+        "report",
+    }
+    assert state["stages"]["data"]["regenerated"] is True
+    assert state["stages"]["data"]["samples"] == 12
+
+    # The budget decides the step count: what is left after data, reserve and calibration,
+    # divided by the calibrated step time (recomputed here from the recorded facts).
+    plan = state["stages"]["train-plan"]
+    spent = sum(state["stages"][s]["seconds"] for s in ("data", "hidden-states", "vocab"))
+    left = BUDGET_MINUTES * 60 - spent - RESERVE_MINUTES * 60 - plan["seconds"]
+    assert plan["max_steps"] == max(10, int(left / plan["seconds_per_step"]))
+    assert state["stages"]["train"]["steps"] == plan["max_steps"]
+
+    # The served folder is the trained one, and it passes the vLLM contract linter.
+    speculator = out / "speculator"
+    got = load_file(speculator / "model.safetensors")
+    want = load_file(out / "train" / "final" / "model.safetensors")
+    assert got.keys() == want.keys()
+    assert all(torch.equal(got[k], want[k]) for k in got)
+    lint = run_cli(["check", str(speculator)])
+    assert lint.returncode == 0, lint.stdout + lint.stderr
+
+    # The evaluation: the reference decoder measured it (vLLM was switched off); the mean
+    # acceptance length is one verified token plus the per-position acceptance rates.
+    (result,) = report["evaluation"]
+    assert report["measured_by"] == result["engine"] == "reference"
+    rates = result["acceptance_rate_per_position"]
+    assert len(rates) == 3
+    assert report["mean_acceptance_length"] == pytest.approx(1 + sum(rates), abs=1e-9)
+    assert all(
+        a >= b for a, b in itertools.pairwise(rates)
+    )  # a chain: later positions need earlier
+
+    # The training curve is the metrics log, step for step.
+    records = [
+        json.loads(line) for line in (out / "train" / "metrics.jsonl").read_text().splitlines()
+    ]
+    losses = [(r["train_seconds"] / 60, r["loss"]) for r in records if "loss" in r]
+    assert report["training_curves"]["loss"] == [list(p) for p in losses]
+    assert "val_est_accept_len" in report["training_curves"]
+
+    for png in ("acceptance.png", "training.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "serve it with:" in stdout and str(speculator) in stdout
+    assert str(speculator) in report["serve_command"]
+
+
+@pytest.mark.parametrize("flag", ["--resume", None])
+def test_rerun_of_a_finished_run_redoes_nothing(finished_run, workdir, flag):
+    """The same command again (with or without --resume) continues the run: nothing is left."""
+    out, _ = finished_run
+    store = out / "data" / "store"
+    before = {p: p.stat().st_mtime_ns for p in store.rglob("*") if p.is_file()}
+    weights = (out / "speculator" / "model.safetensors").read_bytes()
+    result = run_cli(_args(workdir, out, *([flag] if flag else [])))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "continuing the run" in result.stdout
+    assert "[data]" not in result.stdout and "[train]" not in result.stdout
+    assert {p: p.stat().st_mtime_ns for p in store.rglob("*") if p.is_file()} == before
+    assert (out / "speculator" / "model.safetensors").read_bytes() == weights
+
+
+def test_interrupted_training_resumes_to_the_same_weights(finished_run, workdir):
+    """Forget every stage from training on: --resume trains again to the same final weights."""
+    import shutil
+
+    out, _ = finished_run
+    want = load_file(out / "speculator" / "model.safetensors")
+    state_file = out / "quickstart.json"
+    state = json.loads(state_file.read_text())
+    for stage in ("train", "eval", "report"):
+        del state["stages"][stage]
+    state_file.write_text(json.dumps(state))
+    shutil.rmtree(out / "speculator")
+    shutil.rmtree(out / "train" / "final")
+    result = run_cli(_args(workdir, out, "--resume"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "[data]" not in result.stdout and "[train]" in result.stdout
+    got = load_file(out / "speculator" / "model.safetensors")
+    assert got.keys() == want.keys()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (("--samples", "5"), "was started with samples=12, not 5"),
+        (("--resume", "--overwrite"), "contradict each other"),
+    ],
+)
+def test_bad_runs_are_refused_with_one_line(finished_run, workdir, extra, message):
+    out, _ = finished_run
+    args = _args(workdir, out)
+    # Later flags win: replace --samples 12 by the case's value where given.
+    if "--samples" in extra:
+        i = args.index("--samples")
+        del args[i : i + 2]
+    before = sorted(os.listdir(out))
+    result = run_cli([*args, *extra])
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and message in lines[0], result.stderr
+    assert sorted(os.listdir(out)) == before
+
+
+def test_a_folder_that_is_not_a_quickstart_run_is_refused(workdir, tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    result = run_cli(_args(workdir, out))
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "is not a quickstart run" in lines[0], result.stderr
+    assert sorted(os.listdir(out)) == ["notes.txt"]
+
+
+def test_missing_verifier_is_refused_before_any_output(workdir, tmp_path):
+    out = tmp_path / "never"
+    args = _args(workdir, out)
+    args[args.index("--verifier") + 1] = str(tmp_path / "no-such-model")
+    result = run_cli(args)
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "no-such-model" in lines[0], result.stderr
+    assert not out.exists()
