@@ -42,7 +42,7 @@ __all__ = ["quickstart_command"]
     "--samples",
     type=click.IntRange(min=1),
     default=None,
-    help="Training conversations (default: 16 per budget minute).",
+    help="Training conversations (default: 14 per budget minute).",
 )
 @click.option(
     "--regenerate/--no-regenerate",
@@ -114,7 +114,7 @@ __all__ = ["quickstart_command"]
 @click.option(
     "--eval-reserve-minutes",
     type=float,
-    default=4.0,
+    default=5.0,
     show_default=True,
     help="Minutes of the budget kept for evaluation and the report.",
 )

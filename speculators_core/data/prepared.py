@@ -305,12 +305,15 @@ def prepare_data(
     order until ``max_samples`` are kept. Raises :class:`DataSourceError` if none is kept.
     """
     from speculators_core.data.fingerprint import tokenizer_fingerprint
+    from speculators_core.data.verifier import verifier_folder
 
     start = time.perf_counter()
     if Path(output).exists() and not overwrite:
         raise DataSourceError(
             f"output '{output}' already exists; choose another --output or pass --overwrite"
         )
+    # 'smollm2' names the embedded verifier: fingerprint and record the real folder.
+    verifier = verifier_folder(verifier)
     renderer = ChatRenderer.from_verifier(verifier, seq_length=seq_length)
     skipped = SkipCounter()
     conversations = load_conversations(sources, split=split, seed=seed, skipped=skipped)

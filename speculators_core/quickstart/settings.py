@@ -10,11 +10,12 @@ from speculators_core.errors import SpeculatorsError
 
 __all__ = ["QuickstartSettings", "default_samples"]
 
-#: Conversations regenerated per budget minute by default. Measured on a 2-core CPU with vLLM
-#: for CPU: regenerating and capturing one first-turn conversation (about 250 tokens) costs about
-#: 1.6 s there, and the pipeline gives data about 40% of the budget; the rest goes to training
-#: and evaluation. A faster machine simply trains more epochs over the same data.
-SAMPLES_PER_BUDGET_MINUTE = 16
+#: Conversations regenerated per budget minute by default. On a 2-core CPU with vLLM for CPU,
+#: regenerating and capturing one first-turn conversation (about 300 tokens) costs roughly 1.5 s,
+#: so data takes about 40% of the budget; training and evaluation get the rest. Data is the
+#: expensive part (a training epoch over it costs a fifth of making it), so the draft sees it
+#: for several epochs. A faster machine simply trains more epochs over the same data.
+SAMPLES_PER_BUDGET_MINUTE = 14
 
 
 def default_samples(budget_minutes: float) -> int:
@@ -57,7 +58,7 @@ class QuickstartSettings:
     #: Packed row length of training batches.
     train_seq_len: int = 2048
     #: Minutes kept for evaluation and the report after training.
-    eval_reserve_minutes: float = 4.0
+    eval_reserve_minutes: float = 5.0
     #: Held-out evaluation: where the prompts come from (``sharegpt-heldout`` or a file), how
     #: many, new tokens per prompt.
     eval_prompt_source: str = "sharegpt-heldout"

@@ -256,3 +256,14 @@ def test_help_lists_the_commands():
     assert result.exit_code == 0
     for name in ("prepare", "regenerate", "hidden-states", "vocab"):
         assert name in result.output
+
+
+@pytest.mark.slow
+def test_prepare_names_the_embedded_verifier_by_its_name(tmp_path, smollm2):
+    """'--verifier smollm2' resolves to the materialised folder, which the manifest records."""
+    out = tmp_path / "prepared"
+    args = ["prepare", "--verifier", "smollm2", "--data", "sharegpt", "--max-samples", "2"]
+    result = CliRunner().invoke(data_group, [*args, "--seq-length", "256", "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert Path(manifest["verifier_path"]).resolve() == smollm2.resolve()
