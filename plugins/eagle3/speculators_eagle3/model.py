@@ -21,7 +21,6 @@ Tensor names are exactly those of the speculators format (FORMAT.md 1.4). ``veri
 from __future__ import annotations
 
 import logging
-import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -29,8 +28,6 @@ from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
-from transformers import initialization as hf_init
-from transformers.activations import ACT2FN
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 from transformers.models.qwen3.modeling_qwen3 import Qwen3RotaryEmbedding
 
@@ -38,7 +35,6 @@ from speculators_core import (
     ConfigError,
     GreedyTokenProposalConfig,
     HiddenStateSpec,
-    SpeculatorModel,
     SpeculatorsConfig,
     SpeculatorsError,
     TrainingStepOutput,
@@ -46,17 +42,22 @@ from speculators_core import (
     build_vocab_mapping,
     check_vocab_mapping,
 )
-from speculators_eagle3.alignment import align_batch, shift_left
-from speculators_eagle3.attention import (
+from speculators_core.modeling import (
+    Attention,
+    DecoderLayer,
+    GatedMLP,
+    HiddenStateDraftModel,
     KVCache,
-    TTTMask,
-    attend,
+    RMSNorm,
+    draft_layer_fields,
+    load_verifier_config,
     select_attention_implementation,
-    ttt_block_mask,
+    shift_left,
 )
+from speculators_eagle3.alignment import align_batch
+from speculators_eagle3.attention import TTTMask, ttt_block_mask
 from speculators_eagle3.config import DRAFT_LAYER_TYPES, Eagle3SpeculatorConfig
 from speculators_eagle3.loss import plan_ttt_loss, ttt_loss_rows
-from speculators_eagle3.verifier import load_verifier_config, load_verifier_parts
 
 if TYPE_CHECKING:
     from speculators_eagle3.drafting import Eagle3DraftSession
@@ -64,8 +65,6 @@ if TYPE_CHECKING:
 __all__ = ["Eagle3DraftModel", "default_aux_layer_ids"]
 
 logger = logging.getLogger(__name__)
-
-_BATCH_KEYS = ("input_ids", "hidden_states", "loss_mask", "position_ids", "document_ids")
 
 
 def default_aux_layer_ids(num_verifier_layers: int) -> list[int]:
@@ -75,110 +74,34 @@ def default_aux_layer_ids(num_verifier_layers: int) -> list[int]:
 
 
 # ------------------------------------------------------------------------------------------------
-# Building blocks
+# Building blocks (the core's, speculators_core.modeling.layers; the old names stay importable)
 # ------------------------------------------------------------------------------------------------
 
-
-class Eagle3RMSNorm(nn.Module):
-    """``weight * x / sqrt(mean(x^2) + eps)``, computed in fp32 (as Llama/Qwen3 do)."""
-
-    def __init__(self, size: int, eps: float) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(size))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+Eagle3RMSNorm = RMSNorm
+Eagle3MLP = GatedMLP
+Eagle3Attention = Attention
 
 
-class Eagle3MLP(nn.Module):
-    """Gated MLP: ``down(act(gate(x)) * up(x))``."""
+class Eagle3FirstLayer(DecoderLayer):
+    """Layer 0: attention over ``[normed embeddings, normed feature]`` (``2H`` inputs).
 
-    def __init__(self, hidden_size: int, intermediate_size: int, act: str, bias: bool) -> None:
-        super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
-        self.act_fn = ACT2FN[act]
+    ``input_layernorm`` norms the token embeddings, ``hidden_norm`` the feature; the residual
+    stream starts from the feature (the normed one with ``norm_before_residual``).
+    """
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE on ``x`` ``[B, heads, T, d]`` with ``cos``/``sin`` ``[B, T, d]``."""
-    cos, sin = cos[:, None], sin[:, None]
-    return x * cos + _rotate_half(x) * sin
-
-
-class Eagle3Attention(nn.Module):
-    """Grouped-query self-attention with RoPE (and Qwen3's per-head q/k norms)."""
-
-    def __init__(self, config: Any, input_size: int, *, qk_norm: bool) -> None:
-        super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
-        self.head_dim = config.head_dim or config.hidden_size // config.num_attention_heads
-        self.scale = self.head_dim**-0.5
-        bias = bool(getattr(config, "attention_bias", False))
-        self.q_proj = nn.Linear(input_size, self.num_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(input_size, self.num_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(input_size, self.num_kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
-        self.q_norm = Eagle3RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
-        self.k_norm = Eagle3RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
-
-    def forward(
-        self,
-        x: torch.Tensor,  # [B, T, input_size]
-        rotary: tuple[torch.Tensor, torch.Tensor],
-        *,
-        layer_idx: int,
-        cache: KVCache,
-        mask: Any,
-        implementation: str,
-    ) -> torch.Tensor:
-        batch, length, _ = x.shape
-        query = self.q_proj(x).view(batch, length, self.num_heads, self.head_dim)
-        key = self.k_proj(x).view(batch, length, self.num_kv_heads, self.head_dim)
-        value = self.v_proj(x).view(batch, length, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None and self.k_norm is not None:
-            query, key = self.q_norm(query), self.k_norm(key)
-        cos, sin = rotary
-        query = apply_rotary(query.transpose(1, 2), cos, sin)  # [B, heads, T, d]
-        key = apply_rotary(key.transpose(1, 2), cos, sin)  # [B, kv_heads, T, d]
-        key, value = cache.update(layer_idx, key, value.transpose(1, 2))  # [B, kv, cached+T, d]
-        out = attend(query, key, value, mask, implementation=implementation, scale=self.scale)
-        return self.o_proj(out.reshape(batch, length, self.num_heads * self.head_dim))
-
-
-class Eagle3FirstLayer(nn.Module):
-    """Layer 0: attention over ``[normed embeddings, normed feature]`` (``2H`` inputs)."""
+    hidden_norm: RMSNorm
 
     def __init__(self, config: Any, *, norm_before_residual: bool) -> None:
-        super().__init__()
-        hidden, eps = config.hidden_size, config.rms_norm_eps
-        self.norm_before_residual = norm_before_residual
-        self.input_layernorm = Eagle3RMSNorm(hidden, eps)  # applied to the token embeddings
-        self.hidden_norm = Eagle3RMSNorm(hidden, eps)  # applied to the feature
-        self.self_attn = Eagle3Attention(config, 2 * hidden, qk_norm=config.model_type == "qwen3")
-        self.post_attention_layernorm = Eagle3RMSNorm(hidden, eps)
-        self.mlp = Eagle3MLP(
-            hidden,
-            config.intermediate_size,
-            config.hidden_act,
-            bool(getattr(config, "mlp_bias", False)),
+        super().__init__(
+            config,
+            0,
+            qk_norm=config.model_type == "qwen3",
+            attention_input_size=2 * config.hidden_size,
+            hidden_norm=True,
         )
+        self.norm_before_residual = norm_before_residual
 
-    def forward(
+    def forward(  # type: ignore[override]
         self,
         embeds: torch.Tensor,  # [B, T, H]
         feature: torch.Tensor,  # [B, T, H]
@@ -191,47 +114,16 @@ class Eagle3FirstLayer(nn.Module):
         normed_feature = self.hidden_norm(feature)
         residual = normed_feature if self.norm_before_residual else feature
         attn_in = torch.cat([self.input_layernorm(embeds), normed_feature], dim=-1)  # [B, T, 2H]
-        h = residual + self.self_attn(
-            attn_in, rotary, layer_idx=0, cache=cache, mask=mask, implementation=implementation
-        )
-        return h + self.mlp(self.post_attention_layernorm(h))  # [B, T, H]
+        return self.residual_block(
+            residual, attn_in, rotary, cache=cache, mask=mask, implementation=implementation
+        )  # [B, T, H]
 
 
-class Eagle3DecoderLayer(nn.Module):
-    """Layers 1..: a standard pre-norm decoder layer."""
+class Eagle3DecoderLayer(DecoderLayer):
+    """Layers 1..: a standard pre-norm decoder layer (Qwen3's q/k norms for Qwen3 layers)."""
 
     def __init__(self, config: Any, layer_idx: int) -> None:
-        super().__init__()
-        hidden, eps = config.hidden_size, config.rms_norm_eps
-        self.layer_idx = layer_idx
-        self.input_layernorm = Eagle3RMSNorm(hidden, eps)
-        self.self_attn = Eagle3Attention(config, hidden, qk_norm=config.model_type == "qwen3")
-        self.post_attention_layernorm = Eagle3RMSNorm(hidden, eps)
-        self.mlp = Eagle3MLP(
-            hidden,
-            config.intermediate_size,
-            config.hidden_act,
-            bool(getattr(config, "mlp_bias", False)),
-        )
-
-    def forward(
-        self,
-        h: torch.Tensor,  # [B, T, H]
-        rotary: tuple[torch.Tensor, torch.Tensor],
-        *,
-        cache: KVCache,
-        mask: Any,
-        implementation: str,
-    ) -> torch.Tensor:
-        h = h + self.self_attn(
-            self.input_layernorm(h),
-            rotary,
-            layer_idx=self.layer_idx,
-            cache=cache,
-            mask=mask,
-            implementation=implementation,
-        )
-        return h + self.mlp(self.post_attention_layernorm(h))
+        super().__init__(config, layer_idx, qk_norm=config.model_type == "qwen3")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -239,7 +131,7 @@ class Eagle3DecoderLayer(nn.Module):
 # ------------------------------------------------------------------------------------------------
 
 
-class Eagle3DraftModel(SpeculatorModel):
+class Eagle3DraftModel(HiddenStateDraftModel):
     """An EAGLE-3 draft (``speculators_model_type: "eagle3"``).
 
     Build one with :meth:`from_verifier`; load a saved one with
@@ -249,6 +141,7 @@ class Eagle3DraftModel(SpeculatorModel):
 
     config_class = Eagle3SpeculatorConfig
     config: Eagle3SpeculatorConfig
+    verifier_parts_description = "the frozen verifier parts (final norm, LM-head rows)"
     # transformers declares these on PreTrainedModel and reads them from the class.
     _keys_to_ignore_on_save = ["verifier_lm_head.weight", "verifier_norm.weight"]  # noqa: RUF012
     # Not in every file: verifier parts never are; converter output may omit the embedding
@@ -282,9 +175,9 @@ class Eagle3DraftModel(SpeculatorModel):
             )
 
         self.embed_tokens = nn.Embedding(vocab, hidden)  # [V, H], copied from the verifier
-        self.input_norm = Eagle3RMSNorm(num_aux * aux_width, eps) if config.norm_before_fc else None
+        self.input_norm = RMSNorm(num_aux * aux_width, eps) if config.norm_before_fc else None
         self.fc_norm = (
-            nn.ModuleList(Eagle3RMSNorm(aux_width, eps) for _ in range(num_aux))
+            nn.ModuleList(RMSNorm(aux_width, eps) for _ in range(num_aux))
             if config.fc_norm
             else None
         )
@@ -296,7 +189,7 @@ class Eagle3DraftModel(SpeculatorModel):
                 for i in range(1, layer_config.num_hidden_layers)
             ]
         )
-        self.norm = Eagle3RMSNorm(hidden, eps)
+        self.norm = RMSNorm(hidden, eps)
         self.lm_head = nn.Linear(hidden, draft_vocab, bias=False)  # [H] -> [Vd]
         rotary_class = (
             Qwen3RotaryEmbedding if layer_config.model_type == "qwen3" else LlamaRotaryEmbedding
@@ -304,7 +197,7 @@ class Eagle3DraftModel(SpeculatorModel):
         self.rotary_emb = rotary_class(cast(Any, layer_config))
 
         # Frozen verifier parts for the training targets (never saved).
-        self.verifier_norm = Eagle3RMSNorm(aux_width, eps)
+        self.verifier_norm = RMSNorm(aux_width, eps)
         self.verifier_lm_head = nn.Linear(aux_width, draft_vocab, bias=False)  # [Ht] -> [Vd]
 
         if draft_vocab != vocab:
@@ -320,26 +213,14 @@ class Eagle3DraftModel(SpeculatorModel):
         self.noise_std = 0.05
         self.attn_implementation = "auto"
         self.train_lm_head = False
-        self.verifier_num_layers: int | None = None
-        self._verifier_parts_attached = False
         self.post_init()
         self.freeze_verifier_parts()
 
     # ------------------------------------------------------------------ weights
 
-    @torch.no_grad()
-    def _init_weights(self, module: nn.Module) -> None:
-        std = getattr(self.config.layer_config, "initializer_range", 0.02) or 0.02
-        if module in (self.embed_tokens, self.lm_head, self.verifier_lm_head, self.verifier_norm):
-            # Copied from the verifier; NaN until then, so a part that was neither in the
-            # checkpoint nor attached cannot pass silently.
-            hf_init.constant_(cast(torch.Tensor, module.weight), math.nan)
-        elif isinstance(module, nn.Linear):
-            hf_init.normal_(module.weight, mean=0.0, std=std)
-            if module.bias is not None:
-                hf_init.zeros_(module.bias)
-        else:
-            super()._init_weights(module)  # norms (ones) and the rotary tables
+    def verifier_owned_modules(self) -> tuple[nn.Module, ...]:
+        """Copied from the verifier: embedding, LM-head rows, and the frozen target parts."""
+        return (self.embed_tokens, self.lm_head, self.verifier_lm_head, self.verifier_norm)
 
     def freeze_verifier_parts(self) -> None:
         """Set which parameters train: everything except the verifier-copied parts.
@@ -526,20 +407,6 @@ class Eagle3DraftModel(SpeculatorModel):
             )
         return HiddenStateSpec(layer_ids=(*ids, self._num_verifier_layers()))
 
-    def training_step(self, batch: Mapping[str, torch.Tensor]) -> TrainingStepOutput:
-        """Loss and metrics of one packed batch (see :mod:`speculators_core.batch`).
-
-        Goes through ``self(...)`` (:meth:`forward`) so that wrappers hooking the module call
-        (DDP, FSDP2's ``fully_shard``) see the whole step.
-        """
-        missing = [key for key in _BATCH_KEYS if key not in batch]
-        if missing:
-            raise SpeculatorsError(
-                f"training batch lacks {', '.join(missing)}; pass a packed batch with the keys "
-                f"{', '.join(_BATCH_KEYS)}"
-            )
-        return cast(TrainingStepOutput, self(**{key: batch[key] for key in _BATCH_KEYS}))
-
     def forward(
         self,
         input_ids: torch.Tensor,  # [B, T] unshifted, as the verifier saw them
@@ -617,27 +484,6 @@ class Eagle3DraftModel(SpeculatorModel):
 
     # ------------------------------------------------------------------ verifier parts
 
-    def _num_verifier_layers(self) -> int:
-        if self.verifier_num_layers is None:
-            recorded = getattr(self.config.speculators_config, "verifier", None)
-            path = getattr(recorded, "name_or_path", None)
-            if path and os.path.isfile(os.path.join(path, "config.json")):
-                self.verifier_num_layers = int(load_verifier_config(path).num_hidden_layers)
-            else:
-                raise SpeculatorsError(
-                    f"the verifier's layer count is unknown (verifier '{path}' is not a local "
-                    "folder); call attach_verifier_parts(verifier_folder) first"
-                )
-        return self.verifier_num_layers
-
-    def _require_verifier_parts(self) -> None:
-        if not self._verifier_parts_attached:
-            raise SpeculatorsError(
-                "the frozen verifier parts (final norm, LM-head rows) are not attached; call "
-                "attach_verifier_parts(verifier_folder) or load with "
-                "SpeculatorModel.from_pretrained(folder, verifier=verifier_folder)"
-            )
-
     @torch.no_grad()
     def attach_verifier_parts(self, verifier: str | os.PathLike[str]) -> None:
         """Load the frozen verifier tensors the checkpoint does not hold.
@@ -645,15 +491,12 @@ class Eagle3DraftModel(SpeculatorModel):
         Always: ``verifier_norm`` and ``verifier_lm_head`` (the verifier's LM-head rows of the
         draft vocabulary). Also ``embed_tokens`` and ``lm_head`` when the checkpoint lacked them.
         """
-        verifier_config = load_verifier_config(verifier)
-        parts = load_verifier_parts(verifier)
-        vocab, width = parts.embed_tokens.shape
-        if vocab != self.config.verifier_vocab_size or width != self.config.aux_hidden_size:
-            raise SpeculatorsError(
-                f"verifier '{verifier}' has vocab {vocab} and hidden size {width}, but the draft "
-                f"was built for vocab {self.config.verifier_vocab_size} and hidden size "
-                f"{self.config.aux_hidden_size}; pass the verifier the draft was trained for"
-            )
+        verifier_config, parts = self.read_verifier(
+            verifier,
+            vocab_size=self.config.verifier_vocab_size,
+            hidden_size=self.config.aux_hidden_size,
+        )
+        width = self.config.aux_hidden_size
         self._sync_t2d()
         device = self.fc.weight.device
         dtype = self.fc.weight.dtype
@@ -677,7 +520,7 @@ class Eagle3DraftModel(SpeculatorModel):
         if "lm_head" in missing:
             self.lm_head.weight.copy_(rows.to(dtype))
         self.verifier_num_layers = int(verifier_config.num_hidden_layers)
-        self._verifier_parts_attached = True
+        self.verifier_parts_attached = True
         self.freeze_verifier_parts()
 
     # ------------------------------------------------------------------ construction
@@ -750,7 +593,6 @@ class Eagle3DraftModel(SpeculatorModel):
         vconfig = load_verifier_config(verifier)
         n_layers = int(vconfig.num_hidden_layers)
         vocab = int(vconfig.vocab_size)
-        hidden = int(vconfig.hidden_size)
 
         ids = list(aux_layer_ids) if aux_layer_ids is not None else default_aux_layer_ids(n_layers)
         if not ids or len(set(ids)) != len(ids) or min(ids) < 0 or max(ids) > n_layers:
@@ -763,30 +605,7 @@ class Eagle3DraftModel(SpeculatorModel):
         mapping = _resolve_vocab_mapping(vocab, draft_vocab_size, token_counts, d2t, t2d)
         draft_vocab = vocab if mapping is None else int(mapping[0].shape[0])
 
-        head_dim = getattr(vconfig, "head_dim", None) or hidden // vconfig.num_attention_heads
-        layer_fields: dict[str, Any] = {
-            "model_type": layer_type,
-            "vocab_size": vocab,
-            "hidden_size": hidden,
-            "intermediate_size": getattr(vconfig, "intermediate_size", None) or 3 * hidden,
-            "num_hidden_layers": num_layers,
-            "num_attention_heads": vconfig.num_attention_heads,
-            "num_key_value_heads": getattr(vconfig, "num_key_value_heads", None)
-            or vconfig.num_attention_heads,
-            "head_dim": head_dim,
-            "hidden_act": getattr(vconfig, "hidden_act", "silu"),
-            "max_position_embeddings": getattr(vconfig, "max_position_embeddings", 4096),
-            "rms_norm_eps": getattr(vconfig, "rms_norm_eps", 1e-6),
-            "initializer_range": getattr(vconfig, "initializer_range", 0.02),
-            "attention_bias": bool(getattr(vconfig, "attention_bias", False)),
-            "tie_word_embeddings": False,
-        }
-        rope = getattr(vconfig, "rope_parameters", None)
-        if rope:
-            layer_fields["rope_parameters"] = dict(rope)
-        if layer_type == "llama":
-            layer_fields["mlp_bias"] = bool(getattr(vconfig, "mlp_bias", False))
-
+        layer_fields = draft_layer_fields(vconfig, model_type=layer_type, num_layers=num_layers)
         tokens = ttt_steps if speculative_tokens is None else speculative_tokens
         config = Eagle3SpeculatorConfig(
             transformer_layer_config=layer_fields,

@@ -1,0 +1,408 @@
+"""``--validate``: the converted draft against the source's own forward, then ``speculators check``.
+
+The source's forward is written here directly, in plain float64 PyTorch, from the published
+maths (FORMAT.md 3.1 for EAGLE-1/2/HASS, 3.2 for EAGLE-3) and the *source's* tensor names; it
+shares no code with the target model classes. On random token ids and random verifier features
+both give one draft step's logits over the verifier vocabulary (EAGLE-3: draft logits scattered
+to the verifier ids through ``d2t``, ``-inf`` elsewhere); they must agree within a tolerance
+(the converted draft runs in float32, the reference in float64, both from the same stored
+values). Then :func:`speculators_core.check.check_checkpoint` lints the output against the
+verifier.
+
+Validation reads every tensor whole (memory ~ the checkpoint); the conversion itself does not.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from speculators_converters.errors import ConversionError
+
+__all__ = [
+    "LayerDims",
+    "ValidationResult",
+    "converted_logits",
+    "eagle1_reference",
+    "eagle3_reference",
+    "validate_converted",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Tensors are looked up by their source name; this returns one as float64.
+Getter = Callable[[str], torch.Tensor]
+
+_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "silu": F.silu,
+    "swish": F.silu,
+    "gelu": F.gelu,
+    "relu": F.relu,
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+}
+
+
+@dataclass(frozen=True)
+class LayerDims:
+    """The sizes and settings of the source's decoder layer(s), from its own config."""
+
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    hidden_act: str
+    rope: Mapping[str, Any]
+    max_position_embeddings: int = 4096
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> LayerDims:
+        """From a Llama-style config dict (SafeAILab ``config.json`` or a layer config)."""
+        from speculators_converters.common import rope_parameters
+
+        hidden = int(config["hidden_size"])
+        heads = int(config["num_attention_heads"])
+        return cls(
+            hidden_size=hidden,
+            num_heads=heads,
+            num_kv_heads=int(config.get("num_key_value_heads") or heads),
+            head_dim=int(config.get("head_dim") or hidden // heads),
+            rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
+            hidden_act=str(config.get("hidden_act", "silu")),
+            rope=rope_parameters(config),
+            max_position_embeddings=int(config.get("max_position_embeddings") or 4096),
+        )
+
+
+# ------------------------------------------------------------------------------------------------
+# Plain-torch pieces (float64)
+# ------------------------------------------------------------------------------------------------
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return weight * x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def _linear(x: torch.Tensor, get: Getter, prefix: str, has: Callable[[str], bool]) -> torch.Tensor:
+    out = x @ get(f"{prefix}.weight").T
+    if has(f"{prefix}.bias"):
+        out = out + get(f"{prefix}.bias")
+    return out
+
+
+def _rotary(dims: LayerDims, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin ``[T, head_dim]`` (HF/NeoX half-rotation layout)."""
+    rope = dict(dims.rope)
+    kind = rope.get("rope_type", "default")
+    scale = 1.0
+    if kind == "default":
+        exponents = torch.arange(0, dims.head_dim, 2, dtype=torch.float64) / dims.head_dim
+        inv_freq = 1.0 / (float(rope.get("rope_theta", 10000.0)) ** exponents)
+    else:
+        # Scaled RoPE variants (llama3, linear, yarn, ...): transformers' own frequency tables.
+        from transformers import LlamaConfig
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        config = LlamaConfig(
+            hidden_size=dims.hidden_size,
+            num_attention_heads=dims.num_heads,
+            head_dim=dims.head_dim,
+            max_position_embeddings=dims.max_position_embeddings,
+            rope_parameters=rope,
+        )
+        inv, scale = ROPE_INIT_FUNCTIONS[kind](config, None)
+        inv_freq = inv.to(torch.float64)
+    angles = torch.arange(length, dtype=torch.float64)[:, None] * inv_freq[None, :]
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos() * scale, angles.sin() * scale
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+def _attention(
+    x: torch.Tensor,  # [B, T, in]
+    get: Getter,
+    has: Callable[[str], bool],
+    prefix: str,
+    dims: LayerDims,
+) -> torch.Tensor:
+    batch, length, _ = x.shape
+    d = dims.head_dim
+    q = _linear(x, get, f"{prefix}.q_proj", has).view(batch, length, dims.num_heads, d)
+    k = _linear(x, get, f"{prefix}.k_proj", has).view(batch, length, dims.num_kv_heads, d)
+    v = _linear(x, get, f"{prefix}.v_proj", has).view(batch, length, dims.num_kv_heads, d)
+    if has(f"{prefix}.q_norm.weight"):  # Qwen3-style per-head norms
+        q = _rms_norm(q, get(f"{prefix}.q_norm.weight"), dims.rms_norm_eps)
+        k = _rms_norm(k, get(f"{prefix}.k_norm.weight"), dims.rms_norm_eps)
+    cos, sin = _rotary(dims, length)
+    out = torch.zeros(batch, length, dims.num_heads, d, dtype=x.dtype)
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    group = dims.num_heads // dims.num_kv_heads
+    for head in range(dims.num_heads):
+        qh = _rotate(q[:, :, head], cos, sin)  # [B, T, d]
+        kh = _rotate(k[:, :, head // group], cos, sin)
+        scores = qh @ kh.transpose(1, 2) / d**0.5  # [B, T, T]
+        scores = scores.masked_fill(~causal, float("-inf"))
+        out[:, :, head] = torch.softmax(scores, dim=-1) @ v[:, :, head // group]
+    return _linear(out.reshape(batch, length, -1), get, f"{prefix}.o_proj", has)
+
+
+def _mlp(
+    x: torch.Tensor, get: Getter, has: Callable[[str], bool], prefix: str, act: str
+) -> torch.Tensor:
+    if act not in _ACTIVATIONS:
+        raise ConversionError(
+            f"cannot validate a draft with hidden_act '{act}'; validation knows "
+            f"{', '.join(_ACTIVATIONS)} (convert without --validate)"
+        )
+    fn = _ACTIVATIONS[act]
+    gate = _linear(x, get, f"{prefix}.gate_proj", has)
+    up = _linear(x, get, f"{prefix}.up_proj", has)
+    return _linear(fn(gate) * up, get, f"{prefix}.down_proj", has)
+
+
+# ------------------------------------------------------------------------------------------------
+# The sources' forwards
+# ------------------------------------------------------------------------------------------------
+
+
+def eagle1_reference(
+    get: Getter,
+    has: Callable[[str], bool],
+    dims: LayerDims,
+    *,
+    input_ids: torch.Tensor,  # [B, T]
+    features: torch.Tensor,  # [B, T, H] verifier final post-norm states
+    embed: torch.Tensor,  # [V, H]
+    lm_head: torch.Tensor,  # [V, H] the verifier's
+    fc: str = "fc",
+    layer: str = "layers.0",
+    embedding_norm: str | None = None,
+    input_norm: str | None = None,
+    lm_head_norm: str | None = None,
+) -> torch.Tensor:
+    """One EAGLE-1/2 step (FORMAT.md 3.1): logits ``[B, T, V]``.
+
+    ``e = Embed(x)`` (normed by ``embedding_norm`` if given), ``g = fc([e, f])`` (with bias if
+    stored), one Llama layer whose residual starts at ``g`` (attention input normed by
+    ``input_norm`` if given, else not normed), no final norm, ``logits = lm_head(h)`` (after
+    ``lm_head_norm`` if given). Names are the source's.
+    """
+    eps = dims.rms_norm_eps
+    e = embed[input_ids]
+    if embedding_norm is not None:
+        e = _rms_norm(e, get(embedding_norm), eps)
+    g = _linear(torch.cat([e, features], dim=-1), get, fc, has)
+    attn_in = _rms_norm(g, get(input_norm), eps) if input_norm is not None else g
+    h = g + _attention(attn_in, get, has, f"{layer}.self_attn", dims)
+    h = h + _mlp(
+        _rms_norm(h, get(f"{layer}.post_attention_layernorm.weight"), eps),
+        get,
+        has,
+        f"{layer}.mlp",
+        dims.hidden_act,
+    )
+    if lm_head_norm is not None:
+        h = _rms_norm(h, get(lm_head_norm), eps)
+    return h @ lm_head.T
+
+
+def eagle3_reference(
+    get: Getter,
+    has: Callable[[str], bool],
+    dims: LayerDims,
+    *,
+    input_ids: torch.Tensor,  # [B, T]
+    aux: torch.Tensor,  # [B, T, n*Ht] concatenated verifier aux states
+    embed: torch.Tensor,  # [V, H]
+    vocab_size: int,
+    layers: list[str],  # source prefixes of the decoder layers, first one the 2H-input layer
+    norm_before_residual: bool,
+    norm_before_fc: bool = False,
+    fc_norm: int = 0,  # number of per-state norms ``fc_norm.{i}`` (0 = none)
+) -> torch.Tensor:
+    """One EAGLE-3 step (FORMAT.md 3.2): logits ``[B, T, V]``, ``-inf`` outside the draft vocab."""
+    eps = dims.rms_norm_eps
+    if norm_before_fc:
+        aux = _rms_norm(aux, get("input_norm.weight"), eps)
+    if fc_norm:
+        chunks = aux.chunk(fc_norm, dim=-1)
+        aux = torch.cat(
+            [_rms_norm(c, get(f"fc_norm.{i}.weight"), eps) for i, c in enumerate(chunks)], dim=-1
+        )
+    g = aux @ get("fc.weight").T  # [B, T, H]
+    first = layers[0]
+    e = _rms_norm(embed[input_ids], get(f"{first}.input_layernorm.weight"), eps)
+    u = _rms_norm(g, get(f"{first}.hidden_norm.weight"), eps)
+    h = (u if norm_before_residual else g) + _attention(
+        torch.cat([e, u], dim=-1), get, has, f"{first}.self_attn", dims
+    )
+    h = h + _mlp(
+        _rms_norm(h, get(f"{first}.post_attention_layernorm.weight"), eps),
+        get,
+        has,
+        f"{first}.mlp",
+        dims.hidden_act,
+    )
+    for prefix in layers[1:]:
+        h = h + _attention(
+            _rms_norm(h, get(f"{prefix}.input_layernorm.weight"), eps),
+            get,
+            has,
+            f"{prefix}.self_attn",
+            dims,
+        )
+        h = h + _mlp(
+            _rms_norm(h, get(f"{prefix}.post_attention_layernorm.weight"), eps),
+            get,
+            has,
+            f"{prefix}.mlp",
+            dims.hidden_act,
+        )
+    draft_logits = _rms_norm(h, get("norm.weight"), eps) @ get("lm_head.weight").T  # [B, T, Vd]
+    draft_vocab = draft_logits.shape[-1]
+    target_ids = torch.arange(draft_vocab)
+    if has("d2t"):
+        target_ids = target_ids + get("d2t").round().long()
+    full = torch.full((*draft_logits.shape[:-1], vocab_size), float("-inf"), dtype=torch.float64)
+    full[..., target_ids] = draft_logits
+    return full
+
+
+# ------------------------------------------------------------------------------------------------
+# The converted draft, through its own classes
+# ------------------------------------------------------------------------------------------------
+
+
+def converted_logits(model: Any, input_ids: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    """One draft step of a converted ``eagle``/``eagle3`` model: logits ``[B, T, V]`` (float64)."""
+    from speculators_eagle3.attention import KVCache
+
+    batch, length = input_ids.shape
+    positions = torch.arange(length).expand(batch, length)
+    mask = torch.ones(length, length, dtype=torch.bool).tril()[None, None].expand(batch, 1, -1, -1)
+    kind = model.config.speculators_model_type
+    dtype = next(model.parameters()).dtype
+    with torch.no_grad():
+        if kind == "eagle3":
+            feature = model.combine_aux(features.to(dtype))
+            h = model.decode(
+                input_ids,
+                feature,
+                positions,
+                cache=KVCache(len(model.layers)),
+                mask=mask,
+                implementation="eager",
+            )
+            draft_logits, _ = model.head(h)
+            vocab = model.config.verifier_vocab_size
+            full = torch.full((batch, length, vocab), float("-inf"), dtype=torch.float64)
+            full[..., model.draft_to_target_ids()] = draft_logits.double()
+            return full
+        h = model.decode(
+            input_ids,
+            features.to(dtype),
+            positions,
+            cache=KVCache(1),
+            mask=mask,
+            implementation="eager",
+        )
+        return model.head(h).double()
+
+
+@dataclass(frozen=True)
+class ValidationResult:
+    """How closely the converted draft reproduced the source's logits."""
+
+    max_abs_diff: float
+    scale: float
+    tolerance: float
+    argmax_agreement: float
+
+
+def _compare(reference: torch.Tensor, converted: torch.Tensor) -> ValidationResult:
+    finite_ref, finite_conv = torch.isfinite(reference), torch.isfinite(converted)
+    if not torch.equal(finite_ref, finite_conv):
+        raise ConversionError(
+            "validation failed: the converted draft proposes other verifier tokens "
+            "than the source (its d2t vocabulary mapping differs); check the source's d2t/t2d"
+        )
+    ref, conv = reference[finite_ref], converted[finite_ref]
+    scale = float(ref.abs().max()) if ref.numel() else 0.0
+    diff = float((ref - conv).abs().max()) if ref.numel() else 0.0
+    tolerance = 1e-3 * max(1.0, scale)
+    agreement = float((reference.argmax(-1) == converted.argmax(-1)).double().mean())
+    result = ValidationResult(diff, scale, tolerance, agreement)
+    if not diff <= tolerance:
+        raise ConversionError(
+            "validation failed: the converted draft's logits differ from the "
+            f"source's forward by up to {diff:.3g} (largest logit {scale:.3g}, tolerance "
+            f"{tolerance:.3g}); the conversion does not reproduce this checkpoint"
+        )
+    return result
+
+
+def validate_converted(
+    folder: Path,
+    verifier: Path,
+    reference: Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor],
+    *,
+    feature_width: int,
+    vocab_size: int,
+    ignore_check_codes: frozenset[str] = frozenset(),
+    seed: int = 0,
+) -> ValidationResult:
+    """Reload ``folder`` through ``SpeculatorModel.from_pretrained``, compare, then lint it.
+
+    ``reference(input_ids, features, verifier_parts)`` is the source's forward; ``features``
+    are random ``[2, 7, feature_width]``. ``ignore_check_codes`` are ``speculators check``
+    finding codes that are expected for this output (an ``eagle`` folder is never served by
+    vLLM directly, for one).
+    """
+    from speculators_eagle3.verifier import load_verifier_parts
+    from transformers.utils import logging as hf_logging
+
+    from speculators_core import SpeculatorModel
+    from speculators_core.check import check_checkpoint
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # validation is one step of the command: stay quiet
+    try:
+        model = SpeculatorModel.from_pretrained(folder, verifier=verifier, dtype=torch.float32)
+    except Exception as err:
+        raise ConversionError(
+            f"validation failed: the converted folder does not reload through "
+            f"SpeculatorModel.from_pretrained ({type(err).__name__}: {err})"
+        ) from err
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+    model.eval()
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(0, vocab_size, (2, 7), generator=generator)
+    features = torch.randn(2, 7, feature_width, generator=generator, dtype=torch.float64)
+    parts = load_verifier_parts(verifier)
+    expected = reference(input_ids, features, parts)
+    got = converted_logits(model, input_ids, features)
+    result = _compare(expected, got)
+    report = check_checkpoint(folder, verifier=verifier)
+    problems = [f for f in report.findings if f.code not in ignore_check_codes]
+    if problems:
+        raise ConversionError(f"validation failed: speculators check: {problems[0]}")
+    logger.info(
+        "validated: max |logit difference| %.3g (tolerance %.3g), argmax agreement %.3f",
+        result.max_abs_diff,
+        result.tolerance,
+        result.argmax_agreement,
+    )
+    return result
