@@ -42,7 +42,7 @@ __all__ = ["quickstart_command"]
     "--samples",
     type=click.IntRange(min=1),
     default=None,
-    help="Training conversations (default: 14 per budget minute).",
+    help="Training conversations (default: 9 per budget minute).",
 )
 @click.option(
     "--regenerate/--no-regenerate",

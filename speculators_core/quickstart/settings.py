@@ -11,11 +11,11 @@ from speculators_core.errors import SpeculatorsError
 __all__ = ["QuickstartSettings", "default_samples"]
 
 #: Conversations regenerated per budget minute by default. On a 2-core CPU with vLLM for CPU,
-#: regenerating and capturing one first-turn conversation (about 300 tokens) costs roughly 1.5 s,
-#: so data takes about 40% of the budget; training and evaluation get the rest. Data is the
+#: regenerating and capturing one first-turn conversation (about 300 tokens) costs 1.5-2.5 s,
+#: so data takes a third to a half of the budget; training and evaluation get the rest. Data is the
 #: expensive part (a training epoch over it costs a fifth of making it), so the draft sees it
 #: for several epochs. A faster machine simply trains more epochs over the same data.
-SAMPLES_PER_BUDGET_MINUTE = 14
+SAMPLES_PER_BUDGET_MINUTE = 9
 
 
 def default_samples(budget_minutes: float) -> int:
