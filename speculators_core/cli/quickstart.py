@@ -114,7 +114,7 @@ __all__ = ["quickstart_command"]
 @click.option(
     "--eval-reserve-minutes",
     type=float,
-    default=5.0,
+    default=8.0,
     show_default=True,
     help="Minutes of the budget kept for evaluation and the report.",
 )

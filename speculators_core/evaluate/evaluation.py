@@ -32,15 +32,11 @@ def evaluate_reference(
     import torch
     from transformers import AutoModelForCausalLM
 
-    from speculators_core.evaluate.reference import (
-        fastest_decode_threads,
-    )
+    from speculators_core.evaluate.reference import decode_threads
 
     verifier = AutoModelForCausalLM.from_pretrained(verifier_dir, dtype=torch.float32).eval()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(fastest_decode_threads(verifier))
-    try:
-        return _reference_runs(
+    with decode_threads(verifier):
+        return _decode_all(
             verifier,
             draft_dir,
             verifier_dir,
@@ -52,28 +48,23 @@ def evaluate_reference(
             eos=eos,
             baseline=baseline,
         )
-    finally:
-        torch.set_num_threads(threads)
 
 
-def _reference_runs(
+def _decode_all(
     verifier: Any,
     draft_dir: Path,
     verifier_dir: Path,
     prompts: list[list[int]],
-    *,
-    k: int,
-    temperature: float,
-    max_new_tokens: int,
-    seed: int,
-    eos: set[int],
-    baseline: bool,
+    **settings: Any,
 ) -> dict[str, Any]:
     import torch
     from tqdm import tqdm
 
     from speculators_core.evaluate.reference import DecodeStats, ReferenceDecoder
     from speculators_core.model import SpeculatorModel
+
+    k, temperature, seed = settings["k"], settings["temperature"], settings["seed"]
+    max_new_tokens, eos = settings["max_new_tokens"], settings["eos"]
 
     draft = SpeculatorModel.from_pretrained(draft_dir, verifier=verifier_dir).float().eval()
     generator = torch.Generator().manual_seed(seed)
@@ -87,7 +78,7 @@ def _reference_runs(
         total.merge(result.stats)
         outputs.append(result.tokens)
     report: dict[str, Any] = {"engine": "reference", **total.to_json()}
-    if baseline:
+    if settings["baseline"]:
         alone = ReferenceDecoder(verifier, None, k=k, eos_token_ids=eos)
         plain = DecodeStats(k=k)
         identical = 0

@@ -19,8 +19,9 @@ are decoded one at a time (batch size 1); :func:`evaluate_prompts` runs a list o
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,8 +36,21 @@ __all__ = [
     "ReferenceDecoder",
     "accept_greedy",
     "accept_sampled",
+    "decode_threads",
     "fastest_decode_threads",
 ]
+
+
+@contextlib.contextmanager
+def decode_threads(verifier: nn.Module) -> Iterator[int]:
+    """Run the block with :func:`fastest_decode_threads` torch threads; restore them after."""
+    before = torch.get_num_threads()
+    chosen = fastest_decode_threads(verifier)
+    torch.set_num_threads(chosen)
+    try:
+        yield chosen
+    finally:
+        torch.set_num_threads(before)
 
 
 @torch.no_grad()

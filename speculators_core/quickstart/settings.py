@@ -58,7 +58,7 @@ class QuickstartSettings:
     #: Packed row length of training batches.
     train_seq_len: int = 2048
     #: Minutes kept for evaluation and the report after training.
-    eval_reserve_minutes: float = 5.0
+    eval_reserve_minutes: float = 8.0
     #: Held-out evaluation: where the prompts come from (``sharegpt-heldout`` or a file), how
     #: many, new tokens per prompt.
     eval_prompt_source: str = "sharegpt-heldout"
