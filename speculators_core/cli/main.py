@@ -118,7 +118,13 @@ class SpeculatorsGroup(click.Group):
                 loaded = _load_object(BUILTIN_COMMANDS[cmd_name])
             except ImportError as err:
                 # A built-in whose optional dependencies are missing still shows in --help.
-                core = EntryPointInfo("speculators.core", cmd_name, BUILTIN_COMMANDS[cmd_name], "speculators-core", None)
+                core = EntryPointInfo(
+                    "speculators.core",
+                    cmd_name,
+                    BUILTIN_COMMANDS[cmd_name],
+                    "speculators-core",
+                    None,
+                )
                 return _placeholder(core, err)
             return loaded if isinstance(loaded, click.Command) else None
         info = self._plugin_infos().get(cmd_name)
