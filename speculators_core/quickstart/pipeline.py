@@ -500,7 +500,7 @@ def run_quickstart(
     """Run (or continue) the whole pipeline into ``output``; see the module docs."""
     from speculators_core.assets import resolve_verifier_path
     from speculators_core.plugins.host import get_host
-    from speculators_core.quickstart.report import serve_command, write_report
+    from speculators_core.quickstart.report import write_report
 
     # vLLM's per-request INFO lines would bury the progress of the stages.
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
@@ -536,5 +536,5 @@ def run_quickstart(
     results = _eval_stage(state, settings, verifier, speculator, echo)
     report = write_report(out, state.stages, settings, speculator, results, run_dir=out / "train")
     state.finish("report", seconds=0.0, total_seconds=report["total_seconds"])
-    command = serve_command(speculator)
+    command = str(report["serve_command"])  # built once, by the report
     return QuickstartResult(out, speculator, report, command)
