@@ -8,15 +8,21 @@ Two converters:
   optional ``fc.bias [H]``, ``layers.0.{self_attn,mlp}.*``, ``layers.0.post_attention_layernorm``
   (layer 0 has no input norm), optional ``embed_tokens.weight`` (the verifier's, dropped: the
   ``eagle`` format shares the verifier's embedding).
+
+  The speculators research HASS variant (``research/hass/model/llama_eagle_full_grad.py``) is
+  that layout plus three RMSNorms ``[H]``: ``embed_layernorm`` on the token embedding,
+  ``hidden_layernorm`` on the feature *before* ``fc`` and ``lm_head_layernorm`` before the
+  verifier's LM head. It converts exactly to ``layernorms: true, feature_norm_before_fc: true``
+  (``embed_layernorm -> embedding_layernorm``, ``hidden_layernorm -> feature_layernorm``,
+  ``lm_head_layernorm -> pre_lm_head_layernorm``). Upstream's converter put ``hidden_layernorm``
+  after ``fc`` as the layer's input norm, which changes the maths (FORMAT.md 3.1); this one does
+  not. A tensor outside this layout (e.g. a ``post_embedding_layernorm``, which that forward does
+  not have) is refused, as any unknown tensor is.
 * ``speculators-eagle``: folders written by upstream ``speculators`` v0.1-v0.6 with
   ``speculators_model_type: "eagle"`` (``fusion_fc.*``, ``transformer.*``, with ``layernorms``
   ``embedding_layernorm``/``transformer.input_layernorm``/``pre_lm_head_layernorm``), rewritten
-  in the current format (explicit fields, ``num_hidden_layers`` 1, no ``auto_map``).
-
-The speculators research HASS variant (``embed_layernorm``/``hidden_layernorm``/
-``lm_head_layernorm``) is refused: it normalizes the verifier feature *before* ``fc``, which the
-``eagle`` format cannot express (upstream's converter mapped that norm after ``fc``, changing
-the maths; FORMAT.md 3.1).
+  in the current format (explicit fields, ``num_hidden_layers`` 1, no ``auto_map``). Folders of
+  this project with ``feature_norm_before_fc`` (``feature_layernorm``) are rewritten as they are.
 """
 
 from __future__ import annotations
@@ -55,13 +61,13 @@ __all__ = [
     "detect_speculators_eagle",
 ]
 
-#: Tensor names of the speculators research HASS variant (refused, see the module docstring).
-RESEARCH_HASS_NORMS: tuple[str, ...] = (
-    "embed_layernorm.weight",
-    "hidden_layernorm.weight",
-    "lm_head_layernorm.weight",
-    "post_embedding_layernorm.weight",
-)
+#: The norms of the speculators research HASS variant: ``eagle`` format name -> source name
+#: (with ``layernorms`` and ``feature_norm_before_fc``; see the module docstring).
+RESEARCH_HASS_NORMS: dict[str, str] = {
+    "embedding_layernorm.weight": "embed_layernorm.weight",
+    "feature_layernorm.weight": "hidden_layernorm.weight",
+    "pre_lm_head_layernorm.weight": "lm_head_layernorm.weight",
+}
 _ROTARY = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
 _COMMON_OPTIONS = ("speculative_tokens", "verifier_name_or_path")
 _EXPORT_CODE = "speculators-model-type"  # check: 'eagle' is not served by vLLM directly
@@ -138,7 +144,8 @@ def convert_safeailab_eagle(
     """Convert a SafeAILab EAGLE-1/2 or HASS checkpoint folder to the speculators ``eagle`` format.
 
     Options: ``speculative_tokens`` (default 3), ``verifier_name_or_path`` (recorded verifier;
-    default the verifier folder's absolute path).
+    default the verifier folder's absolute path). A checkpoint holding any of the research HASS
+    norms (:data:`RESEARCH_HASS_NORMS`) is the research variant and must hold all three.
     """
     describe = "EAGLE-1/HASS"
     opts = check_options(options, _COMMON_OPTIONS, converter="safeailab-eagle")
@@ -148,13 +155,7 @@ def convert_safeailab_eagle(
             f"{describe} checkpoint '{src.folder}' has no config.json; it holds the layer sizes "
             "(hidden_size, num_attention_heads, ...), copy it next to the weights"
         )
-    research = [n for n in RESEARCH_HASS_NORMS if src.has(n)]
-    if research:
-        raise ConversionError(
-            f"'{src.folder}' is a speculators research HASS checkpoint ({research[0]}): it "
-            "normalizes the verifier feature before fc, which the eagle format cannot express, "
-            "so no exact conversion exists; retrain it as an eagle draft (speculators-hass)"
-        )
+    research = any(src.has(n) for n in RESEARCH_HASS_NORMS.values())
     info = VerifierInfo.load(verifier)
     where = f"{describe} config '{src.folder / 'config.json'}'"
     info.check(
@@ -166,7 +167,8 @@ def convert_safeailab_eagle(
 
     config = EagleSpeculatorConfig(
         transformer_layer_config=layer_config_fields(src.config, info),
-        layernorms=False,
+        layernorms=research,
+        feature_norm_before_fc=research,
         fusion_bias=src.has("fc.bias"),
         speculators_config=speculators_config(
             "eagle",
@@ -182,6 +184,9 @@ def convert_safeailab_eagle(
             mapping[out_name] = "fc." + out_name.removeprefix("fusion_fc.")
         elif out_name.startswith("transformer."):
             mapping[out_name] = "layers.0." + out_name.removeprefix("transformer.")
+        elif out_name in RESEARCH_HASS_NORMS:
+            mapping[out_name] = RESEARCH_HASS_NORMS[out_name]
+    # Anything else in the source (e.g. a post_embedding_layernorm) is refused by plan_tensors.
     dropped = frozenset(
         {"embed_tokens.weight", "lm_head.weight"} | {n for n in src.tensors if _ROTARY.search(n)}
     )
@@ -200,6 +205,8 @@ def convert_safeailab_eagle(
                 if has("embed_tokens.weight")
                 else parts.embed_tokens.double()
             )
+            # Research HASS: e = embed_layernorm(Embed(x)), fc([e, hidden_layernorm(f)]),
+            # layer 0 without input norm, lm_head(lm_head_layernorm(h)).
             return eagle1_reference(
                 get,
                 has,
@@ -208,6 +215,9 @@ def convert_safeailab_eagle(
                 features=features,
                 embed=embed,
                 lm_head=parts.lm_head.double(),
+                embedding_norm="embed_layernorm.weight" if research else None,
+                feature_norm="hidden_layernorm.weight" if research else None,
+                lm_head_norm="lm_head_layernorm.weight" if research else None,
             )
 
         validate_converted(
@@ -282,9 +292,13 @@ def convert_speculators_eagle(
         proposals = (src.config.get("speculators_config") or {}).get("proposal_methods") or [{}]
         tokens = int(proposals[0].get("speculative_tokens", 3))
     layernorms = bool(src.config.get("layernorms")) or src.has("embedding_layernorm.weight")
+    before_fc = bool(src.config.get("feature_norm_before_fc")) or src.has(
+        "feature_layernorm.weight"
+    )
     config = EagleSpeculatorConfig(
         transformer_layer_config=fields,
         layernorms=layernorms,
+        feature_norm_before_fc=before_fc,
         fusion_bias=bool(src.config.get("fusion_bias")) or src.has("fusion_fc.bias"),
         speculators_config=speculators_config(
             "eagle",
@@ -321,7 +335,10 @@ def convert_speculators_eagle(
                 fc="fusion_fc",
                 layer="transformer",
                 embedding_norm="embedding_layernorm.weight" if layernorms else None,
-                input_norm="transformer.input_layernorm.weight" if layernorms else None,
+                feature_norm="feature_layernorm.weight" if before_fc else None,
+                input_norm=(
+                    "transformer.input_layernorm.weight" if layernorms and not before_fc else None
+                ),
                 lm_head_norm="pre_lm_head_layernorm.weight" if layernorms else None,
             )
 

@@ -188,20 +188,24 @@ def eagle1_reference(
     fc: str = "fc",
     layer: str = "layers.0",
     embedding_norm: str | None = None,
+    feature_norm: str | None = None,
     input_norm: str | None = None,
     lm_head_norm: str | None = None,
 ) -> torch.Tensor:
     """One EAGLE-1/2 step (FORMAT.md 3.1): logits ``[B, T, V]``.
 
-    ``e = Embed(x)`` (normed by ``embedding_norm`` if given), ``g = fc([e, f])`` (with bias if
-    stored), one Llama layer whose residual starts at ``g`` (attention input normed by
-    ``input_norm`` if given, else not normed), no final norm, ``logits = lm_head(h)`` (after
-    ``lm_head_norm`` if given). Names are the source's.
+    ``e = Embed(x)`` (normed by ``embedding_norm`` if given), ``f`` normed by ``feature_norm``
+    if given (the speculators research HASS forward's ``hidden_layernorm``, before ``fc``),
+    ``g = fc([e, f])`` (with bias if stored), one Llama layer whose residual starts at ``g``
+    (attention input normed by ``input_norm`` if given, else not normed), no final norm,
+    ``logits = lm_head(h)`` (after ``lm_head_norm`` if given). Names are the source's.
     """
     eps = dims.rms_norm_eps
     e = embed[input_ids]
     if embedding_norm is not None:
         e = _rms_norm(e, get(embedding_norm), eps)
+    if feature_norm is not None:
+        features = _rms_norm(features, get(feature_norm), eps)
     g = _linear(torch.cat([e, features], dim=-1), get, fc, has)
     attn_in = _rms_norm(g, get(input_norm), eps) if input_norm is not None else g
     h = g + _attention(attn_in, get, has, f"{layer}.self_attn", dims)

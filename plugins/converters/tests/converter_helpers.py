@@ -146,7 +146,9 @@ def make_safeailab_eagle(
 ) -> dict[str, torch.Tensor]:
     """A SafeAILab EAGLE-1/2 (or HASS) checkpoint: ``fc`` [H, 2H], ``layers.0.*``; returns its tensors.
 
-    ``research_norms`` adds the speculators research HASS norms (a layout that is refused).
+    ``research_norms`` gives the speculators research HASS layout (FORMAT.md 3.1): the same
+    tensors (layer 0 still without ``input_layernorm``) plus ``embed_layernorm``,
+    ``hidden_layernorm`` and ``lm_head_layernorm`` ``[H]``.
     """
     s = verifier_sizes(verifier)
     gen = torch.Generator().manual_seed(seed)
@@ -271,10 +273,15 @@ def make_speculators_eagle(
     *,
     layernorms: bool = False,
     fusion_bias: bool = False,
+    feature_norm_before_fc: bool = False,
     kind: str = "safetensors",
     seed: int = 3,
 ) -> dict[str, torch.Tensor]:
-    """An upstream speculators v0.1 ``eagle`` folder (``EagleSpeculator``; FORMAT.md 1.3)."""
+    """An upstream speculators v0.1 ``eagle`` folder (``EagleSpeculator``; FORMAT.md 1.3).
+
+    ``feature_norm_before_fc`` (with ``layernorms``) writes this project's research-HASS
+    variant instead: ``feature_layernorm`` in place of ``transformer.input_layernorm``.
+    """
     s = verifier_sizes(verifier)
     gen = torch.Generator().manual_seed(seed)
     h = s["hidden"]
@@ -283,7 +290,12 @@ def make_speculators_eagle(
         tensors["fusion_fc.bias"] = _weight(gen, h)
     if layernorms:
         tensors["embedding_layernorm.weight"] = _norm(gen, h)
-        tensors["transformer.input_layernorm.weight"] = _norm(gen, h)
+        middle = (
+            "feature_layernorm.weight"
+            if feature_norm_before_fc
+            else "transformer.input_layernorm.weight"
+        )
+        tensors[middle] = _norm(gen, h)
         tensors["pre_lm_head_layernorm.weight"] = _norm(gen, h)
     config = {
         "architectures": ["EagleSpeculator"],
@@ -291,6 +303,7 @@ def make_speculators_eagle(
         "fusion_bias": fusion_bias,
         "has_no_defaults_at_init": False,
         "layernorms": layernorms,
+        **({"feature_norm_before_fc": True} if feature_norm_before_fc else {}),
         "speculators_config": _speculators_config(verifier, "eagle"),
         "speculators_model_type": "eagle",
         "speculators_version": "0.1.0.dev21",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -200,13 +201,116 @@ def test_pickle_with_a_non_tensor_is_refused(
     _assert_clean_failure(result, out, "pytorch_model.bin", *needles)
 
 
-def test_research_hass_layernorms_are_refused_with_the_reason(
-    tmp_path: Path, tiny_verifier: Path
-) -> None:
+def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return weight * x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def research_hass_forward(
+    src: dict[str, torch.Tensor],
+    config: dict[str, Any],
+    lm_head: torch.Tensor,  # [V, H] the verifier's
+    tokens: torch.Tensor,  # [L]
+    features: torch.Tensor,  # [L, H]
+) -> torch.Tensor:
+    """The research HASS forward (``llama_eagle_full_grad.py``) in float64, from SOURCE names.
+
+    ``e = embed_layernorm(embed_tokens(x))``, ``f' = hidden_layernorm(f)``,
+    ``h = fc(cat[e, f'])``, a Llama layer with no input norm (residual ``h``; causal GQA
+    attention, RoPE at positions 0..), ``logits = lm_head(lm_head_layernorm(out))``. ``[L, V]``.
+    """
+    w = {name: t.double() for name, t in src.items()}
+    eps, theta = config["rms_norm_eps"], config["rope_theta"]
+    heads, kv_heads, dim = (
+        config["num_attention_heads"],
+        config["num_key_value_heads"],
+        config["head_dim"],
+    )
+    length = tokens.shape[0]
+    e = _rms(w["embed_tokens.weight"][tokens], w["embed_layernorm.weight"], eps)
+    f = _rms(features.double(), w["hidden_layernorm.weight"], eps)
+    h = torch.cat([e, f], dim=-1) @ w["fc.weight"].T
+    if "fc.bias" in w:
+        h = h + w["fc.bias"]
+    q = (h @ w["layers.0.self_attn.q_proj.weight"].T).view(length, heads, dim)
+    k = (h @ w["layers.0.self_attn.k_proj.weight"].T).view(length, kv_heads, dim)
+    v = (h @ w["layers.0.self_attn.v_proj.weight"].T).view(length, kv_heads, dim)
+    inv_freq = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    angles = torch.arange(length, dtype=torch.float64)[:, None] * inv_freq[None]  # [L, d/2]
+    cos, sin = angles.cos()[:, None], angles.sin()[:, None]
+
+    def rope(t: torch.Tensor) -> torch.Tensor:
+        first, second = t[..., : dim // 2], t[..., dim // 2 :]
+        return torch.cat([first * cos - second * sin, second * cos + first * sin], dim=-1)
+
+    q, k = rope(q), rope(k)
+    attn = torch.zeros(length, heads, dim, dtype=torch.float64)
+    for head in range(heads):
+        kv = head // (heads // kv_heads)
+        scores = q[:, head] @ k[:, kv].T / dim**0.5
+        scores = scores.masked_fill(torch.ones(length, length).triu(1).bool(), float("-inf"))
+        attn[:, head] = torch.softmax(scores, dim=-1) @ v[:, kv]
+    h = h + attn.reshape(length, heads * dim) @ w["layers.0.self_attn.o_proj.weight"].T
+    normed = _rms(h, w["layers.0.post_attention_layernorm.weight"], eps)
+    gate = normed @ w["layers.0.mlp.gate_proj.weight"].T
+    up = normed @ w["layers.0.mlp.up_proj.weight"].T
+    h = h + (torch.nn.functional.silu(gate) * up) @ w["layers.0.mlp.down_proj.weight"].T
+    return _rms(h, w["lm_head_layernorm.weight"], eps) @ lm_head.double().T
+
+
+def test_research_hass_converts_exactly(tmp_path: Path, tiny_verifier: Path) -> None:
+    """The research HASS layout converts, validates, and reproduces its own forward exactly."""
+    from speculators_hass import EagleDraftModel
+
+    from speculators_core import SpeculatorModel
+    from speculators_core.modeling import KVCache
+
     src, out = tmp_path / "src", tmp_path / "out"
-    make_safeailab_eagle(src, tiny_verifier, research_norms=True)
+    source = make_safeailab_eagle(src, tiny_verifier, research_norms=True)
+    args = ["convert", str(src), "--verifier", str(tiny_verifier), "-o", str(out), "--validate"]
+    result = run_cli(args)
+    assert result.returncode == 0, result.stderr
+    assert "converted from safeailab-eagle to 'eagle'" in result.stdout
+    config = json.loads((out / "config.json").read_text())
+    assert config["layernorms"] is True and config["feature_norm_before_fc"] is True
+    written = load_file(str(out / "model.safetensors"))
+    for source_name, name in (
+        ("embed_layernorm.weight", "embedding_layernorm.weight"),
+        ("hidden_layernorm.weight", "feature_layernorm.weight"),
+        ("lm_head_layernorm.weight", "pre_lm_head_layernorm.weight"),
+        ("fc.weight", "fusion_fc.weight"),
+    ):
+        assert torch.equal(written[name], source[source_name]), name
+    assert "transformer.input_layernorm.weight" not in written
+
+    model = SpeculatorModel.from_pretrained(out, verifier=tiny_verifier).eval()
+    assert isinstance(model, EagleDraftModel)
+    gen = torch.Generator().manual_seed(8)
+    tokens = torch.randint(0, model.config.verifier_vocab_size, (9,), generator=gen)
+    features = torch.randn(9, 64, generator=gen) * 2.0
+    with torch.no_grad():
+        h = model.decode(
+            tokens[None],
+            features[None],
+            torch.arange(9)[None],
+            cache=KVCache(1),
+            mask=torch.ones(9, 9, dtype=torch.bool).tril()[None, None],
+            implementation="eager",
+        )
+        logits = model.head(h)[0].double()
+    source_config = json.loads((src / "config.json").read_text())
+    verifier_lm_head = load_file(str(tiny_verifier / "model.safetensors"))["lm_head.weight"]
+    expected = research_hass_forward(source, source_config, verifier_lm_head, tokens, features)
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_unknown_extra_norm_is_refused(tmp_path: Path, tiny_verifier: Path) -> None:
+    """A norm the research forward does not have (post_embedding_layernorm): one line, no output."""
+    src, out = tmp_path / "src", tmp_path / "out"
+    tensors = make_safeailab_eagle(src, tiny_verifier, research_norms=True)
+    tensors["post_embedding_layernorm.weight"] = torch.ones(64)
+    save_file(tensors, str(src / "model.safetensors"), metadata={"format": "pt"})
     result = run_cli(["convert", str(src), "--verifier", str(tiny_verifier), "-o", str(out)])
-    _assert_clean_failure(result, out, "research HASS", "before fc", "no exact conversion")
+    _assert_clean_failure(result, out, "post_embedding_layernorm.weight", "does not know")
 
 
 def test_validation_failure_leaves_nothing(tmp_path: Path, tiny_verifier: Path) -> None:

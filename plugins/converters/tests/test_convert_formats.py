@@ -33,6 +33,16 @@ def _eagle1_name(name: str) -> str | None:
     return None
 
 
+def _research_name(name: str) -> str | None:
+    """Where the research HASS norms go (``feature_norm_before_fc``); the rest as EAGLE-1."""
+    norms = {
+        "embed_layernorm.weight": "embedding_layernorm.weight",
+        "hidden_layernorm.weight": "feature_layernorm.weight",
+        "lm_head_layernorm.weight": "pre_lm_head_layernorm.weight",
+    }
+    return norms.get(name) or _eagle1_name(name)
+
+
 def _eagle3_name(name: str) -> str | None:
     """Where FORMAT.md 4.3 puts a SafeAILab EAGLE-3 tensor."""
     return "layers.0." + name[len("midlayer.") :] if name.startswith("midlayer.") else name
@@ -63,6 +73,13 @@ LAYOUTS: dict[
         EagleDraftModel,
         _eagle1_name,
     ),
+    "hass-research": (
+        make_safeailab_eagle,
+        {"research_norms": True, "seed": 12},
+        "safeailab-eagle",
+        EagleDraftModel,
+        _research_name,
+    ),
     "eagle3": (make_safeailab_eagle3, {}, "safeailab-eagle3", Eagle3DraftModel, _eagle3_name),
     "eagle3-embed-layers0": (
         make_safeailab_eagle3,
@@ -88,6 +105,13 @@ LAYOUTS: dict[
     "speculators-eagle-layernorms": (
         make_speculators_eagle,
         {"layernorms": True, "fusion_bias": True},
+        "speculators-eagle",
+        EagleDraftModel,
+        lambda n: n,
+    ),
+    "speculators-eagle-feature-norm": (
+        make_speculators_eagle,
+        {"layernorms": True, "feature_norm_before_fc": True},
         "speculators-eagle",
         EagleDraftModel,
         lambda n: n,

@@ -49,6 +49,14 @@ class EagleSpeculatorConfig(SpeculatorModelConfig):
       ``pre_lm_head_layernorm`` before the LM head. False for EAGLE-1/2 and stock HASS (then the
       layer's ``input_layernorm`` is an identity and none of these tensors exist). Drafts with
       ``layernorms`` cannot be exported to vLLM's native EAGLE layout.
+    * ``feature_norm_before_fc`` - where the middle of the three ``layernorms`` norms sits (only
+      valid with ``layernorms``; always written). False (upstream's layout): the decoder layer's
+      ``input_layernorm`` normalizes the fused state after ``fusion_fc``. True (the speculators
+      research HASS forward, ``research/hass/model/llama_eagle_full_grad.py``): a
+      ``feature_layernorm`` normalizes the feature (the verifier's, or the draft's own fed-back
+      prediction) *before* ``fusion_fc``, and the decoder layer has no input norm (identity), as
+      without ``layernorms``. ``embedding_layernorm`` and ``pre_lm_head_layernorm`` are the same
+      either way.
     * ``fusion_bias`` - ``fusion_fc`` has a bias (HASS's code default; EAGLE-LLaMA3 checkpoints
       have none). Drafts with a bias cannot be exported to vLLM's native EAGLE layout.
     """
@@ -61,6 +69,7 @@ class EagleSpeculatorConfig(SpeculatorModelConfig):
         default_factory=default_layer_config
     )
     layernorms: bool = False
+    feature_norm_before_fc: bool = False
     fusion_bias: bool = False
 
     def __post_init__(self, **kwargs: Any) -> None:
@@ -86,6 +95,12 @@ class EagleSpeculatorConfig(SpeculatorModelConfig):
                 f"config: transformer_layer_architecture '{arch}' does not match "
                 f"transformer_layer_config.model_type '{layer_config.model_type}'; write a "
                 "'llama' layer config or set the architecture to 'auto'"
+            )
+        if self.feature_norm_before_fc and not self.layernorms:
+            raise ConfigError(
+                "config: feature_norm_before_fc is true but layernorms is false; the feature norm "
+                "is one of the layernorms norms, set layernorms to true (or "
+                "feature_norm_before_fc to false)"
             )
 
     # ------------------------------------------------------------------ derived sizes

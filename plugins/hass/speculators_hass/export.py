@@ -12,8 +12,9 @@ and later types are registered), but it serves native EAGLE-1 checkpoints throug
   MLP, ``post_attention_layernorm``; no ``input_layernorm``, which vLLM replaces by an identity
   in layer 0). No ``embed_tokens`` and no ``lm_head``: vLLM shares the verifier's.
 
-A draft with ``fusion_bias`` or ``layernorms`` computes something that layout cannot express
-(vLLM's ``fc`` has no bias and its layer 0 no norms) and is refused.
+A draft with ``fusion_bias`` or ``layernorms`` (with or without ``feature_norm_before_fc``)
+computes something that layout cannot express (vLLM's ``fc`` has no bias and its layer 0 no
+norms) and is refused.
 
 Serve it with the verifier as the model::
 
@@ -43,11 +44,12 @@ VLLM_ARCHITECTURE = "LlamaForCausalLM"
 def vllm_eagle_tensors(model: EagleDraftModel) -> dict[str, torch.Tensor]:
     """The draft's trained tensors under vLLM's native EAGLE-1 names (``fc.*``, ``layers.0.*``)."""
     config = model.config
-    if config.fusion_bias or config.layernorms:
-        which = "fusion_bias" if config.fusion_bias else "layernorms"
+    flags = ("fusion_bias", "layernorms", "feature_norm_before_fc")
+    which = [f"{name}=true" for name in flags if getattr(config, name)]
+    if which:
         raise SpeculatorsError(
-            f"this eagle draft has {which}=true, which vLLM's native EAGLE layout cannot express "
-            "(its fc has no bias and its layer 0 no norms); train the draft with "
+            f"this eagle draft has {' and '.join(which)}, which vLLM's native EAGLE layout cannot "
+            "express (its fc has no bias and the draft no extra norms); train the draft with "
             "fusion_bias=false and layernorms=false to serve it in vLLM"
         )
     tensors: dict[str, torch.Tensor] = {}
@@ -70,7 +72,7 @@ def export_vllm_eagle(
 
     The folder is written under a temporary name and renamed into place when complete. Raises
     :class:`~speculators_core.SpeculatorsError` for drafts with ``fusion_bias`` or
-    ``layernorms`` (see the module docstring).
+    ``layernorms``/``feature_norm_before_fc`` (see the module docstring).
     """
     if isinstance(speculator, EagleDraftModel):
         model = speculator

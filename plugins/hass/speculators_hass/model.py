@@ -8,17 +8,22 @@ One draft step (FORMAT.md 3.1), for the pair of position ``t``: token ``x_{t+1}`
 
 1. ``e = embed_tokens(x_{t+1})`` (the verifier's embedding, frozen; ``embedding_layernorm(e)``
    with ``layernorms``);
-2. ``g = fusion_fc(cat[e, f_t])`` (``2H -> H``, bias with ``fusion_bias``);
+2. ``g = fusion_fc(cat[e, f_t])`` (``2H -> H``, bias with ``fusion_bias``); with
+   ``feature_norm_before_fc`` (the speculators research HASS forward)
+   ``g = fusion_fc(cat[e, feature_layernorm(f_t)])``;
 3. one Llama decoder layer whose ``input_layernorm`` is an identity (an RMSNorm with
-   ``layernorms``): ``h = g + attn(g)``, ``h = h + mlp(post_attention_layernorm(h))``; no final
-   norm. ``h`` is the predicted feature ``f^_{t+1}``, fed back as the next step's feature;
+   ``layernorms``, unless ``feature_norm_before_fc``): ``h = g + attn(g)``,
+   ``h = h + mlp(post_attention_layernorm(h))``; no final norm. ``h`` is the predicted feature
+   ``f^_{t+1}``, fed back (un-normed) as the next step's feature;
 4. ``logits = lm_head(h)`` (the verifier's LM head, frozen; ``lm_head(pre_lm_head_layernorm(h))``
    with ``layernorms``).
 
 Tensor names are those of the speculators ``eagle`` format (FORMAT.md 1.3): ``fusion_fc.*``,
 ``transformer.*``, and with ``layernorms`` ``embedding_layernorm.weight`` /
-``pre_lm_head_layernorm.weight``. ``embed_tokens`` and ``lm_head`` are the verifier's and are
-never saved; :meth:`EagleDraftModel.attach_verifier_parts` puts them back.
+``pre_lm_head_layernorm.weight`` plus ``transformer.input_layernorm.weight``, or
+``feature_layernorm.weight`` instead of it with ``feature_norm_before_fc``. ``embed_tokens`` and
+``lm_head`` are the verifier's and are never saved;
+:meth:`EagleDraftModel.attach_verifier_parts` puts them back.
 """
 
 from __future__ import annotations
@@ -102,10 +107,15 @@ class EagleDraftModel(HiddenStateDraftModel):
 
         self.embed_tokens = nn.Embedding(vocab, hidden)  # [V, H], the verifier's (frozen)
         self.embedding_layernorm = RMSNorm(hidden, eps) if config.layernorms else None
+        # The research HASS forward normalizes the feature before the fusion, not after it.
+        before_fc = config.feature_norm_before_fc
+        self.feature_layernorm = RMSNorm(hidden, eps) if before_fc else None
         self.fusion_fc = nn.Linear(2 * hidden, hidden, bias=config.fusion_bias)  # [2H] -> [H]
-        # Layer 0 without an input norm (an identity unless layernorms): EAGLE-1's layer, and
-        # what vLLM's EagleLlamaForCausalLM builds.
-        self.transformer = DecoderLayer(layer_config, input_layernorm=config.layernorms)
+        # Layer 0 without an input norm (an identity unless layernorms puts the middle norm
+        # here): EAGLE-1's layer, and what vLLM's EagleLlamaForCausalLM builds.
+        self.transformer = DecoderLayer(
+            layer_config, input_layernorm=config.layernorms and not before_fc
+        )
         self.pre_lm_head_layernorm = RMSNorm(hidden, eps) if config.layernorms else None
         self.lm_head = nn.Linear(hidden, vocab, bias=False)  # [H] -> [V], the verifier's (frozen)
         self.rotary_emb = LlamaRotaryEmbedding(cast(Any, layer_config))
@@ -186,7 +196,11 @@ class EagleDraftModel(HiddenStateDraftModel):
         embeds = self.embed_tokens(input_ids)  # [B, T, H]
         if self.embedding_layernorm is not None:
             embeds = self.embedding_layernorm(embeds)
-        fused = self.fusion_fc(torch.cat([embeds, features.to(embeds.dtype)], dim=-1))  # [B, T, H]
+        features = features.to(embeds.dtype)
+        if self.feature_layernorm is not None:
+            # Every feature the fusion reads: the verifier's and the draft's fed-back predictions.
+            features = self.feature_layernorm(features)
+        fused = self.fusion_fc(torch.cat([embeds, features], dim=-1))  # [B, T, H]
         rotary = self.rotary_emb(fused, position_ids)  # cos, sin: [B, T, head_dim]
         return cast(
             torch.Tensor,
@@ -334,6 +348,7 @@ class EagleDraftModel(HiddenStateDraftModel):
         verifier: str | os.PathLike[str],
         *,
         layernorms: bool = False,
+        feature_norm_before_fc: bool = False,
         fusion_bias: bool = False,
         hass_steps: int = 3,
         v_w: float = 1.0,
@@ -358,8 +373,9 @@ class EagleDraftModel(HiddenStateDraftModel):
         ``lm_head`` are the verifier's (frozen), ``fusion_fc`` and the decoder layer are freshly
         initialized.
 
-        * ``layernorms``/``fusion_bias``: the config fields of the same names (both stop the
-          draft from being exported to vLLM's native EAGLE layout).
+        * ``layernorms``/``feature_norm_before_fc``/``fusion_bias``: the config fields of the same
+          names (``feature_norm_before_fc`` needs ``layernorms``; all three stop the draft from
+          being exported to vLLM's native EAGLE layout).
         * ``hass_steps``, ``v_w``, ``p_w``, ``topk_w``, ``topk``, ``noise_std``,
           ``attn_implementation``: training settings (see :meth:`configure_training`). Stage 1
           of the published recipe uses ``topk_w=0``, stage 2 ``topk_w=1``
@@ -369,7 +385,8 @@ class EagleDraftModel(HiddenStateDraftModel):
         * ``verifier_name_or_path``: what to record as the verifier (a hub id or the path valid
           where vLLM will run); default the absolute path of ``verifier``.
         * ``init_from``: an ``eagle`` folder (e.g. stage 1's ``final/``) whose weights and
-          architecture the draft starts from; ``layernorms``/``fusion_bias`` must then match it.
+          architecture the draft starts from; ``layernorms``/``feature_norm_before_fc``/
+          ``fusion_bias`` must then match it.
         * ``num_layers`` (must be 1), ``draft_vocab_size`` (must be the verifier's vocabulary),
           ``token_counts``/``d2t``/``t2d`` (not accepted) exist so that generic callers (such as
           ``speculators train --num-layers/--draft-vocab-size/--vocab``) get a clear refusal:
@@ -389,6 +406,11 @@ class EagleDraftModel(HiddenStateDraftModel):
             raise SpeculatorsError(
                 "an eagle (EAGLE-1/HASS) draft shares the verifier's LM head and always uses its "
                 "full vocabulary; drop --vocab/--draft-vocab-size (token_counts, d2t, t2d)"
+            )
+        if feature_norm_before_fc and not layernorms:
+            raise SpeculatorsError(
+                "feature_norm_before_fc=true needs layernorms=true (the feature norm is one of "
+                "its norms); pass layernorms=true too or drop feature_norm_before_fc"
             )
         if speculative_tokens is not None and speculative_tokens < 1:
             raise SpeculatorsError(
@@ -411,13 +433,17 @@ class EagleDraftModel(HiddenStateDraftModel):
         )
         if init_from is not None:
             model = cls._from_previous_stage(
-                init_from, layernorms=layernorms, fusion_bias=fusion_bias
+                init_from,
+                layernorms=layernorms,
+                feature_norm_before_fc=feature_norm_before_fc,
+                fusion_bias=fusion_bias,
             )
             model.config.speculators_config = speculators_config
         else:
             config = EagleSpeculatorConfig(
                 transformer_layer_config=_layer_fields(vconfig),
                 layernorms=layernorms,
+                feature_norm_before_fc=feature_norm_before_fc,
                 fusion_bias=fusion_bias,
                 speculators_config=speculators_config,
             )
@@ -436,7 +462,12 @@ class EagleDraftModel(HiddenStateDraftModel):
 
     @classmethod
     def _from_previous_stage(
-        cls, folder: str | os.PathLike[str], *, layernorms: bool, fusion_bias: bool
+        cls,
+        folder: str | os.PathLike[str],
+        *,
+        layernorms: bool,
+        feature_norm_before_fc: bool,
+        fusion_bias: bool,
     ) -> EagleDraftModel:
         path = Path(folder)
         try:
@@ -444,7 +475,12 @@ class EagleDraftModel(HiddenStateDraftModel):
         except SpeculatorsError as err:
             raise SpeculatorsError(f"init_from '{path}' cannot be loaded: {err}") from err
         saved = model.config
-        for name, wanted in (("layernorms", layernorms), ("fusion_bias", fusion_bias)):
+        wanted_fields = (
+            ("layernorms", layernorms),
+            ("feature_norm_before_fc", feature_norm_before_fc),
+            ("fusion_bias", fusion_bias),
+        )
+        for name, wanted in wanted_fields:
             if getattr(saved, name) != wanted:
                 raise SpeculatorsError(
                     f"init_from '{path}' has {name}={str(getattr(saved, name)).lower()} but "

@@ -77,7 +77,14 @@ def simulate(
         session.extend(new, new_states)
 
 
-@pytest.mark.parametrize("options", [{}, {"layernorms": True, "fusion_bias": True}])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"layernorms": True, "fusion_bias": True},
+        {"layernorms": True, "feature_norm_before_fc": True},
+    ],
+)
 def test_session_equals_drafting_from_scratch(
     tiny_verifier: Path, verifier_model: Any, options: dict[str, Any]
 ) -> None:

@@ -132,14 +132,35 @@ def test_export_computes_what_native_eagle_computes(
     )
 
 
-@pytest.mark.parametrize("option", ["fusion_bias", "layernorms"])
+@pytest.mark.parametrize("option", ["fusion_bias", "layernorms", "feature_norm_before_fc"])
 def test_export_refuses_what_vllm_cannot_express(
     tiny_verifier: Path, tmp_path: Path, option: str
 ) -> None:
     """A fusion bias or the extra norms are a one-line error; nothing is written."""
     options: dict[str, Any] = {option: True}
+    if option == "feature_norm_before_fc":
+        options["layernorms"] = True
     model = EagleDraftModel.from_verifier(tiny_verifier, **options)
     with pytest.raises(SpeculatorsError, match=f"{option}=true") as err:
         export_vllm_eagle(model, tmp_path / "vllm")
     assert "\n" not in str(err.value)
     assert not (tmp_path / "vllm").exists()
+
+
+def test_export_command_refuses_the_research_norms(tiny_verifier: Path, tmp_path: Path) -> None:
+    """``speculators hass export-vllm`` on a feature_norm_before_fc folder: one line, no output."""
+    from click.testing import CliRunner
+    from speculators_hass.cli import hass_group
+
+    EagleDraftModel.from_verifier(
+        tiny_verifier, layernorms=True, feature_norm_before_fc=True
+    ).save_pretrained(tmp_path / "draft")
+    result = CliRunner().invoke(
+        hass_group, ["export-vllm", str(tmp_path / "draft"), str(tmp_path / "vllm")]
+    )
+    assert result.exit_code != 0
+    assert isinstance(result.exception, SpeculatorsError)
+    message = str(result.exception)
+    assert "feature_norm_before_fc=true" in message and "\n" not in message
+    assert not (tmp_path / "vllm").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["draft"]

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 import torch
-from hass_helpers import pack, perturb, random_samples
+from hass_helpers import draft_from_scratch, pack, perturb, random_samples
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from speculators_hass import EagleDraftModel, EagleSpeculatorConfig
@@ -22,6 +22,7 @@ from speculators_core import (
     SpeculatorsError,
     load_config,
 )
+from speculators_core.modeling import KVCache
 
 LAYER_TENSORS = {
     "transformer.self_attn.q_proj.weight": (64, 64),
@@ -98,6 +99,7 @@ def test_saved_format(tiny_verifier: Path, tmp_path: Path) -> None:
     assert data["speculators_model_type"] == "eagle"
     assert data["transformer_layer_architecture"] == "LlamaDecoderLayer"
     assert data["layernorms"] is False and data["fusion_bias"] is False
+    assert data["feature_norm_before_fc"] is False  # always written
     layer = data["transformer_layer_config"]
     assert layer["model_type"] == "llama"
     assert layer["vocab_size"] == 259 and layer["num_hidden_layers"] == 1
@@ -121,6 +123,136 @@ def test_layernorms_and_fusion_bias_tensors(tiny_verifier: Path, tmp_path: Path)
         "transformer.input_layernorm.weight": (64,),
         **LAYER_TENSORS,
     }
+
+
+def test_feature_norm_before_fc_tensors_and_round_trip(tiny_verifier: Path, tmp_path: Path) -> None:
+    """feature_norm_before_fc saves feature_layernorm instead of the layer's input norm."""
+    model = EagleDraftModel.from_verifier(
+        tiny_verifier, layernorms=True, feature_norm_before_fc=True
+    )
+    perturb(model, seed=2)
+    model.save_pretrained(tmp_path / "draft")
+    assert saved_shapes(tmp_path / "draft") == {
+        "fusion_fc.weight": (64, 128),
+        "embedding_layernorm.weight": (64,),
+        "feature_layernorm.weight": (64,),
+        "pre_lm_head_layernorm.weight": (64,),
+        **LAYER_TENSORS,
+    }
+    data = json.loads((tmp_path / "draft" / "config.json").read_text())
+    assert data["layernorms"] is True and data["feature_norm_before_fc"] is True
+    again = SpeculatorModel.from_pretrained(tmp_path / "draft", verifier=tiny_verifier)
+    assert isinstance(again, EagleDraftModel) and again.config.feature_norm_before_fc is True
+    assert isinstance(again.transformer.input_layernorm, torch.nn.Identity)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(again.state_dict()[name], tensor), name
+
+
+def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return weight * x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def research_forward(
+    sd: dict[str, torch.Tensor],
+    layer: Any,
+    tokens: torch.Tensor,  # [L] (x_{t+1} at index t)
+    features: torch.Tensor,  # [L, H] (f_t at index t)
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The speculators research HASS forward, written out in float64 from the state dict.
+
+    ``e = embed_layernorm(Embed(x))``, ``f' = hidden_layernorm(f)``, ``h = fc([e, f'])``, one
+    Llama layer with no input norm (residual = ``h``), causal GQA attention with RoPE at
+    positions 0.., ``logits = lm_head(lm_head_layernorm(out))``. Returns (out ``[L, H]``,
+    logits ``[L, V]``).
+    """
+    w = {name: t.double() for name, t in sd.items()}
+    eps, dim = layer.rms_norm_eps, layer.head_dim
+    heads, kv_heads = layer.num_attention_heads, layer.num_key_value_heads
+    theta = layer.rope_parameters["rope_theta"]
+    length = tokens.shape[0]
+    e = _rms(w["embed_tokens.weight"][tokens], w["embedding_layernorm.weight"], eps)
+    f = _rms(features.double(), w["feature_layernorm.weight"], eps)
+    h = torch.cat([e, f], dim=-1) @ w["fusion_fc.weight"].T  # [L, H]
+    q = (h @ w["transformer.self_attn.q_proj.weight"].T).view(length, heads, dim)
+    k = (h @ w["transformer.self_attn.k_proj.weight"].T).view(length, kv_heads, dim)
+    v = (h @ w["transformer.self_attn.v_proj.weight"].T).view(length, kv_heads, dim)
+    inv_freq = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    angles = torch.arange(length, dtype=torch.float64)[:, None] * inv_freq[None]  # [L, d/2]
+    cos, sin = angles.cos()[:, None], angles.sin()[:, None]
+    out = torch.zeros(length, heads, dim, dtype=torch.float64)
+    for i in range(length):
+        for head in range(heads):
+            kv = head // (heads // kv_heads)
+            qi = q[i, head]
+            qi = torch.cat(
+                [
+                    qi[: dim // 2] * cos[i, 0] - qi[dim // 2 :] * sin[i, 0],
+                    qi[dim // 2 :] * cos[i, 0] + qi[: dim // 2] * sin[i, 0],
+                ]
+            )
+            scores = []
+            for j in range(i + 1):  # causal
+                kj = k[j, kv]
+                kj = torch.cat(
+                    [
+                        kj[: dim // 2] * cos[j, 0] - kj[dim // 2 :] * sin[j, 0],
+                        kj[dim // 2 :] * cos[j, 0] + kj[: dim // 2] * sin[j, 0],
+                    ]
+                )
+                scores.append(qi @ kj / dim**0.5)
+            probs = torch.softmax(torch.stack(scores), dim=0)
+            out[i, head] = sum(p * v[j, kv] for j, p in enumerate(probs))
+    h = h + out.reshape(length, heads * dim) @ w["transformer.self_attn.o_proj.weight"].T
+    normed = _rms(h, w["transformer.post_attention_layernorm.weight"], eps)
+    gate = normed @ w["transformer.mlp.gate_proj.weight"].T
+    up = normed @ w["transformer.mlp.up_proj.weight"].T
+    h = h + (torch.nn.functional.silu(gate) * up) @ w["transformer.mlp.down_proj.weight"].T
+    logits = _rms(h, w["pre_lm_head_layernorm.weight"], eps) @ w["lm_head.weight"].T
+    return h, logits
+
+
+def test_feature_norm_before_fc_equals_the_research_forward(
+    tiny_verifier: Path, verifier_model: Any
+) -> None:
+    """One step and a fed-back step equal the research forward written out in the test.
+
+    Drafting one own step after a true context ending at ``c`` is the plain forward over a
+    sequence whose feature at ``c + 1`` is the prediction at ``c``: the fed-back feature goes
+    through the feature norm too.
+    """
+    model = EagleDraftModel.from_verifier(
+        tiny_verifier, layernorms=True, feature_norm_before_fc=True
+    ).eval()
+    perturb(model, seed=5)
+    sample = random_samples(verifier_model, [10], seed=6)[0]
+    ids, features = sample["input_ids"], sample["hidden_states"][:, 0]  # [L], [L, H]
+    tokens, feats = ids[1:], features[:-1]  # x_{t+1} and f_t at index t
+    layer, sd = model.config.layer_config, model.state_dict()
+    expected, expected_logits = research_forward(sd, layer, tokens, feats)
+    length = tokens.shape[0]
+    with torch.no_grad():
+        got = model.decode(
+            tokens[None],
+            feats[None],
+            torch.arange(length)[None],
+            cache=KVCache(1),
+            mask=torch.ones(length, length, dtype=torch.bool).tril()[None, None],
+            implementation="eager",
+        )[0]
+        logits = model.head(got)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(logits.double(), expected_logits, rtol=1e-4, atol=1e-4)
+    # The norm matters: without it the output differs.
+    plain = dict(sd, **{"feature_layernorm.weight": torch.ones(64)})
+    assert not torch.allclose(research_forward(plain, layer, tokens, feats)[0], expected)
+    context_end = 5
+    fed_back = feats.clone()
+    fed_back[context_end + 1] = expected[context_end].float()
+    own, _ = research_forward(sd, layer, tokens, fed_back)
+    drafted = draft_from_scratch(
+        model, ids, features, torch.arange(ids.shape[0]), context_end, own_steps=1
+    )
+    torch.testing.assert_close(drafted.double(), own[context_end + 1], rtol=1e-4, atol=1e-5)
 
 
 def test_round_trip_keeps_weights_and_outputs(
@@ -172,6 +304,14 @@ def test_init_from_a_previous_stage(tiny_verifier: Path, tmp_path: Path) -> None
     assert recorded(second).verifier.name_or_path == "org/verifier"
     with pytest.raises(SpeculatorsError, match="fusion_bias=true but fusion_bias=false"):
         EagleDraftModel.from_verifier(tiny_verifier, init_from=tmp_path / "stage1")
+    research = EagleDraftModel.from_verifier(
+        tiny_verifier, layernorms=True, feature_norm_before_fc=True
+    )
+    research.save_pretrained(tmp_path / "research")
+    with pytest.raises(SpeculatorsError, match="feature_norm_before_fc=true but"):
+        EagleDraftModel.from_verifier(
+            tiny_verifier, layernorms=True, init_from=tmp_path / "research"
+        )
 
 
 def test_configure_training(tiny_verifier: Path) -> None:
@@ -201,6 +341,7 @@ def test_configure_training(tiny_verifier: Path) -> None:
         ({"token_counts": {1: 3}}, "full vocabulary"),
         ({"speculative_tokens": 0}, "speculative_tokens must be at least 1"),
         ({"ttt_steps": 3}, "unknown eagle option"),
+        ({"feature_norm_before_fc": True}, "needs layernorms=true"),
     ],
 )
 def test_from_verifier_refuses_bad_options(
@@ -231,6 +372,10 @@ def test_attach_refuses_another_verifier(tiny_verifier: Path, tiny_qwen3_verifie
         ({"transformer_layer_architecture": "Qwen3DecoderLayer"}, "eagle drafts use one of"),
         ({"transformer_layer_config": {"model_type": "qwen3"}}, "does not match"),
         ({"transformer_layer_config": [1, 2]}, "transformer_layer_config"),
+        (
+            {"feature_norm_before_fc": True, "layernorms": False},
+            "feature_norm_before_fc is true but layernorms is false",
+        ),
     ],
 )
 def test_config_validation(tiny_verifier: Path, change: dict[str, Any], match: str) -> None:

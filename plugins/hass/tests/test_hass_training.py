@@ -17,6 +17,7 @@ from speculators_core.testing import evaluation_metrics, packed_documents, train
 VARIANTS: dict[str, dict[str, Any]] = {
     "eagle": {},
     "layernorms-fusion-bias": {"layernorms": True, "fusion_bias": True},
+    "feature-norm-before-fc": {"layernorms": True, "feature_norm_before_fc": True},
 }
 
 
