@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from speculators_core.quickstart.settings import GENERATION_BACKENDS
+
 __all__ = ["quickstart_command"]
 
 
@@ -42,7 +44,7 @@ __all__ = ["quickstart_command"]
     "--samples",
     type=click.IntRange(min=1),
     default=None,
-    help="Training conversations (default: 9 per budget minute).",
+    help="Training conversations (default: 12 per budget minute).",
 )
 @click.option(
     "--regenerate/--no-regenerate",
@@ -84,10 +86,12 @@ __all__ = ["quickstart_command"]
 )
 @click.option(
     "--generation-backend",
-    type=click.Choice(["auto", "vllm", "transformers"]),
+    type=click.Choice(list(GENERATION_BACKENDS)),
     default="auto",
     show_default=True,
-    help="Engine that regenerates answers (auto: vLLM when installed).",
+    help="Engine that regenerates answers: one-pass (transformers, records the hidden states "
+    "while it writes the answers), or vllm/transformers followed by a capture pass (auto: "
+    "one-pass).",
 )
 @click.option(
     "--prompts",
@@ -114,7 +118,7 @@ __all__ = ["quickstart_command"]
 @click.option(
     "--eval-reserve-minutes",
     type=float,
-    default=8.0,
+    default=5.0,
     show_default=True,
     help="Minutes of the budget kept for evaluation and the report.",
 )
@@ -123,6 +127,14 @@ __all__ = ["quickstart_command"]
     default=True,
     show_default=True,
     help="Also measure acceptance with the reference decoder (transformers).",
+)
+@click.option(
+    "--reference-prompts",
+    type=click.IntRange(min=1),
+    default=8,
+    show_default=True,
+    help="The reference decoder measures the first N evaluation prompts (it decodes one at a "
+    "time; vLLM measures all of them).",
 )
 @click.option(
     "--vllm-eval/--no-vllm-eval",
@@ -152,6 +164,7 @@ def quickstart_command(
     eval_max_new_tokens: int,
     eval_reserve_minutes: float,
     reference_eval: bool,
+    reference_prompts: int,
     vllm_eval: bool,
     seed: int,
     resume: bool,
@@ -186,6 +199,7 @@ def quickstart_command(
         eval_max_new_tokens=eval_max_new_tokens,
         eval_reserve_minutes=eval_reserve_minutes,
         reference_eval=reference_eval,
+        reference_prompts=reference_prompts,
         vllm_eval=vllm_eval,
         seed=seed,
     )

@@ -49,6 +49,8 @@ VALIDATIONS = 10
 CALIBRATION_STEPS = 3
 #: Planned step time = median calibrated step time x this (validation, saving, row variety).
 STEP_TIME_MARGIN = 1.3
+#: Conversations decoded together by the one-pass data route (also its shard size).
+ONE_PASS_BATCH = 64
 #: Fewest training steps the quickstart will run, however small the budget.
 MIN_TRAIN_STEPS = 10
 
@@ -144,13 +146,15 @@ def _data_stage(
     if state.done("data"):
         return prepared
     started = time.perf_counter()
+    backend = settings.generation_backend
+    if backend == "auto":
+        backend = "one-pass"
+    if settings.regenerate and backend == "one-pass":
+        _one_pass_data(state, settings, verifier, out, echo)
+        return prepared
     if settings.regenerate:
         from speculators_core.data.regenerate import GenerationSettings, regenerate_data
-        from speculators_core.data.vllm_backend import vllm_available
 
-        backend = settings.generation_backend
-        if backend == "auto":
-            backend = "vllm" if vllm_available() else "transformers"
         echo(
             f"[data] {settings.samples} conversations: first user turn, answered again by the "
             f"verifier (greedy, {settings.max_new_tokens} new tokens at most, {backend})"
@@ -193,6 +197,55 @@ def _data_stage(
         regenerated=settings.regenerate,
     )
     return prepared
+
+
+def _one_pass_data(
+    state: _State, settings: QuickstartSettings, verifier: Path, out: Path, echo: Echo
+) -> None:
+    """Regenerate the answers and capture their states in one verifier pass (both stages)."""
+    from speculators_core.data.decode_capture import regenerate_to_store
+    from speculators_core.data.specs import spec_for_algorithm
+
+    started = time.perf_counter()
+    spec = spec_for_algorithm(settings.algorithm, verifier)
+    echo(
+        f"[data] {settings.samples} conversations: first user turn, answered again by the "
+        f"verifier (greedy, {settings.max_new_tokens} new tokens at most), its hidden states "
+        f"(layers {list(spec.layer_ids)}) recorded while it decodes"
+    )
+    data_summary, store_summary = regenerate_to_store(
+        verifier=verifier,
+        sources=settings.data,
+        prepared_output=out / "data" / "prepared",
+        store_output=out / "data" / "store",
+        spec=spec,
+        max_new_tokens=settings.max_new_tokens,
+        seq_length=settings.seq_length,
+        max_samples=settings.samples,
+        seed=settings.seed,
+        batch_size=ONE_PASS_BATCH,
+        overwrite=True,
+        progress=True,
+    )
+    echo(f"[data] {data_summary.describe()}")
+    seconds = time.perf_counter() - started
+    state.finish(
+        "data",
+        seconds=seconds,
+        samples=data_summary.num_samples,
+        tokens=data_summary.num_tokens,
+        supervised_tokens=data_summary.num_supervised_tokens,
+        regenerated=True,
+        backend="one-pass",
+    )
+    state.finish(
+        "hidden-states",
+        seconds=0.0,  # counted in the data stage: one pass made both
+        tokens=store_summary.num_tokens,
+        tokens_per_second=store_summary.num_tokens / seconds if seconds > 0 else 0.0,
+        bytes=store_summary.bytes_written,
+        one_pass=True,
+    )
 
 
 def _hidden_state_stage(
@@ -468,9 +521,13 @@ def _eval_stage(
     elif settings.vllm_eval:
         echo("[eval] vLLM is not installed: skipping the vLLM measurement")
     if settings.reference_eval:
-        echo(f"[eval] reference decoder: {len(prompts)} held-out prompts, k={settings.k}, greedy")
+        subset = prompts[: settings.reference_prompts]
+        echo(
+            f"[eval] reference decoder: the first {len(subset)} of those prompts, k={settings.k}, "
+            "greedy"
+        )
         results.append(
-            evaluate_reference(speculator, verifier, prompts, eos=eos, baseline=False, **common)  # type: ignore[arg-type]
+            evaluate_reference(speculator, verifier, subset, eos=eos, baseline=False, **common)  # type: ignore[arg-type]
         )
     for r in results:
         echo(

@@ -8,14 +8,18 @@ from typing import Any
 
 from speculators_core.errors import SpeculatorsError
 
-__all__ = ["QuickstartSettings", "default_samples"]
+__all__ = ["GENERATION_BACKENDS", "QuickstartSettings", "default_samples"]
 
-#: Conversations regenerated per budget minute by default. On a 2-core CPU with vLLM for CPU,
-#: regenerating and capturing one first-turn conversation (about 300 tokens) costs 1.5-2.5 s,
-#: so data takes a third to a half of the budget; training and evaluation get the rest. Data is the
-#: expensive part (a training epoch over it costs a fifth of making it), so the draft sees it
-#: for several epochs. A faster machine simply trains more epochs over the same data.
-SAMPLES_PER_BUDGET_MINUTE = 9
+#: Values of ``--generation-backend`` (see :attr:`QuickstartSettings.generation_backend`).
+GENERATION_BACKENDS = ("auto", "one-pass", "vllm", "transformers")
+
+#: Conversations regenerated per budget minute by default. On a 2-core CPU, answering one
+#: first-turn conversation and recording its states in one pass (about 300 tokens) costs about
+#: 1.6 s, so data takes about a third of the budget; training and evaluation get the rest. The
+#: draft is data-limited at this size (its validation acceptance stops rising after about 15
+#: epochs), so data gets as much of the budget as still leaves training time to reach that
+#: plateau. A faster machine simply trains more epochs over the same data.
+SAMPLES_PER_BUDGET_MINUTE = 12
 
 
 def default_samples(budget_minutes: float) -> int:
@@ -44,8 +48,9 @@ class QuickstartSettings:
     regenerate: bool = True
     #: Tokens the verifier writes per regenerated answer.
     max_new_tokens: int = 256
-    #: Regeneration engine: ``auto`` (vLLM when installed, else transformers), ``vllm`` or
-    #: ``transformers``.
+    #: Regeneration engine: ``one-pass`` (transformers decoding that records the hidden states
+    #: as it writes the answers: one verifier pass instead of two), ``vllm`` or ``transformers``
+    #: (answers first, then a capture pass); ``auto`` is ``one-pass``.
     generation_backend: str = "auto"
     #: Prompts longer than this are skipped; samples are truncated to it.
     seq_length: int = 1024
@@ -58,7 +63,7 @@ class QuickstartSettings:
     #: Packed row length of training batches.
     train_seq_len: int = 2048
     #: Minutes kept for evaluation and the report after training.
-    eval_reserve_minutes: float = 8.0
+    eval_reserve_minutes: float = 5.0
     #: Held-out evaluation: where the prompts come from (``sharegpt-heldout`` or a file), how
     #: many, new tokens per prompt.
     eval_prompt_source: str = "sharegpt-heldout"
@@ -66,6 +71,9 @@ class QuickstartSettings:
     eval_max_new_tokens: int = 128
     #: Evaluation engines: reference decoder and/or vLLM (vLLM is skipped when not installed).
     reference_eval: bool = True
+    #: The reference decoder measures the first this-many evaluation prompts (it decodes one
+    #: prompt at a time: on a 2-core CPU all 32 took 7.5 minutes; vLLM measures them all).
+    reference_prompts: int = 8
     vllm_eval: bool = True
     seed: int = 0
 
@@ -77,6 +85,7 @@ class QuickstartSettings:
         "eval_prompts",
         "eval_max_new_tokens",
         "reference_eval",
+        "reference_prompts",
         "vllm_eval",
     )
 
@@ -88,15 +97,22 @@ class QuickstartSettings:
         for name in ("samples", "max_new_tokens", "seq_length", "draft_vocab_size", "k"):
             if getattr(self, name) < 1:
                 raise SpeculatorsError(f"--{name.replace('_', '-')} must be at least 1")
-        if self.generation_backend not in ("auto", "vllm", "transformers"):
+        if self.generation_backend not in GENERATION_BACKENDS:
             raise SpeculatorsError(
-                f"unknown generation backend '{self.generation_backend}'; use auto, vllm or transformers"
+                f"unknown generation backend '{self.generation_backend}'; use one of "
+                f"{', '.join(GENERATION_BACKENDS)}"
             )
         if self.eval_reserve_minutes < 0:
             raise SpeculatorsError("--eval-reserve-minutes must be 0 or more")
-        if self.ttt_steps < 1 or self.eval_prompts < 1 or self.eval_max_new_tokens < 1:
+        if (
+            self.ttt_steps < 1
+            or self.eval_prompts < 1
+            or self.eval_max_new_tokens < 1
+            or self.reference_prompts < 1
+        ):
             raise SpeculatorsError(
-                "--ttt-steps, --eval-prompts and --eval-max-new-tokens must be >= 1"
+                "--ttt-steps, --eval-prompts, --eval-max-new-tokens and --reference-prompts "
+                "must be >= 1"
             )
 
     def to_json(self) -> dict[str, Any]:

@@ -17,6 +17,8 @@ import torch
 from _support import run_cli
 from safetensors.torch import load_file
 
+from speculators_core.data.prepared import PreparedDataset
+from speculators_core.data.store import ShardStore
 from speculators_core.testing import make_tiny_verifier
 
 pytest.importorskip("speculators_eagle3")
@@ -72,8 +74,6 @@ def _args(root: Path, output: Path, *extra: str) -> list[str]:
         "64",
         "--train-seq-len",
         "256",
-        "--generation-backend",
-        "transformers",
         "--no-vllm-eval",
         "--prompts",
         str(root / "prompts.txt"),
@@ -110,6 +110,10 @@ def test_quickstart_writes_a_served_draft_and_a_consistent_report(finished_run):
     }
     assert state["stages"]["data"]["regenerated"] is True
     assert state["stages"]["data"]["samples"] == 12
+    # The default route answers and captures in one pass: the store holds every sample.
+    assert state["stages"]["data"]["backend"] == "one-pass"
+    assert state["stages"]["hidden-states"]["one_pass"] is True
+    assert len(ShardStore.open(out / "data" / "store")) == 12
 
     # The budget decides the step count: what is left after data, reserve and calibration,
     # divided by the calibrated step time (recomputed here from the recorded facts).
@@ -231,3 +235,21 @@ def test_missing_verifier_is_refused_before_any_output(workdir, tmp_path):
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "no-such-model" in lines[0], result.stderr
     assert not out.exists()
+
+
+def test_two_pass_route_regenerates_then_captures(workdir, tmp_path):
+    """``--generation-backend transformers``: answers first, then a separate capture stage."""
+    out = tmp_path / "two-pass"
+    args = _args(workdir, out, "--generation-backend", "transformers")
+    args[args.index("--samples") + 1] = "6"
+    result = run_cli(args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    state = json.loads((out / "quickstart.json").read_text())
+    assert "backend" not in state["stages"]["data"]
+    assert "one_pass" not in state["stages"]["hidden-states"]
+    store = ShardStore.open(out / "data" / "store")
+    prepared = PreparedDataset.open(out / "data" / "prepared")
+    assert len(store) == len(prepared) == 6
+    assert [store[i]["input_ids"].tolist() for i in range(6)] == [
+        prepared[i]["input_ids"].tolist() for i in range(6)
+    ]
