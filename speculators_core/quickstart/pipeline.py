@@ -330,7 +330,9 @@ def _run_config(
 
     training = TrainingArguments(
         output_dir=str(run_dir),
-        num_epochs=max(1, math.ceil(max_steps / max(steps_per_epoch, 1))),
+        # One epoch more than the plan needs: max_steps ends the run. The calibration counts
+        # steps per epoch without the validation split, so real epochs are a little shorter.
+        num_epochs=max(1, math.ceil(max_steps / max(steps_per_epoch, 1))) + 1,
         max_steps=max_steps,
         seq_len=settings.train_seq_len,
         learning_rate=settings.learning_rate,
