@@ -8,11 +8,17 @@ Heavy modules are imported inside the commands so ``speculators --help`` stays f
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
+from click.core import ParameterSource
 
 from speculators_core.errors import SpeculatorsError
+
+if TYPE_CHECKING:
+    from speculators_core.features import HiddenStateSpec
 
 __all__ = ["data_group"]
 
@@ -76,6 +82,72 @@ def _data_options(func: click.decorators.FC) -> click.decorators.FC:
     return func
 
 
+def _spec_options(note: str = "") -> Callable[[click.decorators.FC], click.decorators.FC]:
+    """``--layer-ids``, ``--algorithm``, ``--post-norm-last``, ``--dtype``: which states, stored how.
+
+    ``note`` is appended to each help text (``data regenerate`` takes them only with ``--store``).
+    """
+
+    def decorate(func: click.decorators.FC) -> click.decorators.FC:
+        options = [
+            click.option(
+                "--layer-ids",
+                default=None,
+                help="Hidden-state ids, vLLM semantics: k = input of decoder layer k, N = final "
+                "pre-norm output (example for a 30-layer verifier: 2,15,27,30)." + note,
+            ),
+            click.option(
+                "--algorithm",
+                default=None,
+                help="Ask the installed algorithm plugin which states it needs (instead of "
+                "--layer-ids)." + note,
+            ),
+            click.option(
+                "--post-norm-last",
+                is_flag=True,
+                help="Take the last id (must be N) after the final norm (EAGLE-1/HASS)." + note,
+            ),
+            click.option(
+                "--dtype",
+                type=_DTYPE_CHOICES,
+                default="bfloat16",
+                show_default=True,
+                help="Storage dtype." + note,
+            ),
+        ]
+        for option in reversed(options):
+            func = option(func)
+        return func
+
+    return decorate
+
+
+def _hidden_state_spec(
+    verifier: Path, layer_ids: str | None, algorithm: str | None, post_norm_last: bool
+) -> HiddenStateSpec:
+    """The spec of ``--layer-ids``/``--algorithm``/``--post-norm-last`` (one-line errors)."""
+    from speculators_core.data.specs import parse_layer_ids, spec_for_algorithm
+    from speculators_core.data.verifier import verifier_folder
+    from speculators_core.features import HiddenStateSpec
+
+    if (layer_ids is None) == (algorithm is None):
+        raise SpeculatorsError(
+            "give exactly one of --layer-ids (e.g. 2,15,27,30) or --algorithm (e.g. eagle3)"
+        )
+    if algorithm is not None:
+        if post_norm_last:
+            raise SpeculatorsError("--post-norm-last goes with --layer-ids; --algorithm decides it")
+        return spec_for_algorithm(algorithm, verifier_folder(verifier))
+    assert layer_ids is not None
+    return HiddenStateSpec(layer_ids=parse_layer_ids(layer_ids), post_norm_last=post_norm_last)
+
+
+def _given(name: str) -> bool:
+    """Whether the option ``name`` (its parameter name) was given, not left at its default."""
+    source = click.get_current_context().get_parameter_source(name)
+    return source in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
+
+
 @click.group(name="data")
 def data_group() -> None:
     """Make training data from a verifier: prepare, regenerate, hidden-states, vocab."""
@@ -123,7 +195,14 @@ def prepare_command(
     help="0 is greedy; above 0 samples.",
 )
 @click.option("--top-p", type=click.FloatRange(min=0.0, max=1.0), default=1.0, show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=8,
+    show_default=True,
+    help="Conversations generated together; with --store also the shard size (the unit of "
+    "resuming).",
+)
 @click.option(
     "--chunk-size",
     type=click.IntRange(min=1),
@@ -141,6 +220,14 @@ def prepare_command(
     default=None,
     help="Keep each conversation up to its N-th answer (1: first user turn only).",
 )
+@click.option(
+    "--store",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Also record the verifier's hidden states into a store at PATH in the same decoding "
+    "pass (one pass: transformers backend, greedy, first user turn only).",
+)
+@_spec_options(" With --store only.")
 def regenerate_command(
     verifier: Path,
     sources: tuple[str, ...],
@@ -158,8 +245,52 @@ def regenerate_command(
     backend: str,
     device: str | None,
     max_turns: int | None,
+    store: Path | None,
+    layer_ids: str | None,
+    algorithm: str | None,
+    post_norm_last: bool,
+    dtype: str,
 ) -> None:
-    """Replace assistant turns with the verifier's own answers, then prepare them (resumable)."""
+    """Replace assistant turns with the verifier's own answers, then prepare them (resumable).
+
+    With --store, the hidden states of every token are recorded while the verifier writes it,
+    so the store of 'data hidden-states' comes out of the same pass.
+    """
+    if store is not None:
+        _one_pass_regenerate(
+            verifier=verifier,
+            sources=sources,
+            output=output,
+            store=store,
+            max_samples=max_samples,
+            seq_length=seq_length,
+            split=split,
+            seed=seed,
+            overwrite=overwrite,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            batch_size=batch_size,
+            backend=backend,
+            device=device,
+            max_turns=max_turns,
+            layer_ids=layer_ids,
+            algorithm=algorithm,
+            post_norm_last=post_norm_last,
+            dtype=dtype,
+        )
+        return
+    for name, given in (
+        ("--layer-ids", layer_ids is not None),
+        ("--algorithm", algorithm is not None),
+        ("--post-norm-last", post_norm_last),
+        ("--dtype", _given("dtype")),
+    ):
+        if given:
+            raise SpeculatorsError(
+                f"{name} is about the hidden-state store, which only --store writes; add "
+                f"--store PATH, or drop {name} (and run 'data hidden-states' afterwards)"
+            )
     from speculators_core.data.regenerate import GenerationSettings, regenerate_data
 
     summary = regenerate_data(
@@ -184,6 +315,87 @@ def regenerate_command(
     click.echo(summary.describe())
 
 
+def _one_pass_regenerate(
+    *,
+    verifier: Path,
+    sources: tuple[str, ...],
+    output: Path,
+    store: Path,
+    max_samples: int | None,
+    seq_length: int,
+    split: str,
+    seed: int,
+    overwrite: bool,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    batch_size: int,
+    backend: str,
+    device: str | None,
+    max_turns: int | None,
+    layer_ids: str | None,
+    algorithm: str | None,
+    post_norm_last: bool,
+    dtype: str,
+) -> None:
+    """``data regenerate --store``: answers and their hidden states in one decoding pass."""
+    one_pass = "--store decodes in one pass (transformers backend, greedy, first user turn only)"
+    if backend != "transformers":
+        raise SpeculatorsError(
+            f"{one_pass}: --backend {backend} does not apply; drop --backend, or drop --store "
+            "and run 'data hidden-states' afterwards"
+        )
+    if temperature > 0:
+        raise SpeculatorsError(
+            f"{one_pass}: --temperature {temperature:g} would sample; drop --temperature (or "
+            "give 0), or drop --store and run 'data hidden-states' afterwards"
+        )
+    if top_p < 1:
+        raise SpeculatorsError(
+            f"{one_pass}: --top-p {top_p:g} would sample; drop --top-p (or give 1), or drop "
+            "--store and run 'data hidden-states' afterwards"
+        )
+    if max_turns is not None and max_turns != 1:
+        raise SpeculatorsError(
+            f"{one_pass}: it answers only the first user turn, not --max-turns {max_turns}; "
+            "drop --max-turns (or give 1), or drop --store and run 'data hidden-states' afterwards"
+        )
+    if _given("chunk_size"):
+        raise SpeculatorsError(
+            f"{one_pass}: --chunk-size does not apply, it resumes per shard of --batch-size "
+            "conversations; drop --chunk-size"
+        )
+    if seq_length < 2:
+        raise SpeculatorsError(f"--store needs --seq-length of at least 2, got {seq_length}")
+    if store.resolve() == output.resolve():
+        raise SpeculatorsError(
+            f"--store and --output are the same folder '{output}'; give the store its own folder"
+        )
+    spec = _hidden_state_spec(verifier, layer_ids, algorithm, post_norm_last)
+    from speculators_core.data.decode_capture import regenerate_to_store
+    from speculators_core.data.store import DTYPES
+
+    data_summary, store_summary = regenerate_to_store(
+        verifier=verifier,
+        sources=list(sources),
+        prepared_output=output,
+        store_output=store,
+        spec=spec,
+        max_new_tokens=max_new_tokens,
+        seq_length=seq_length,
+        max_samples=max_samples,
+        split=split,
+        seed=seed,
+        batch_size=batch_size,
+        store_dtype=DTYPES[dtype],
+        device=device,
+        overwrite=overwrite,
+        progress=True,
+    )
+    click.echo(data_summary.describe())
+    click.echo(store_summary.describe())
+
+
 @data_group.command("hidden-states")
 @_verifier_option
 @click.option(
@@ -195,25 +407,7 @@ def regenerate_command(
 @click.option(
     "--output", required=True, type=click.Path(path_type=Path), help="Store folder to write."
 )
-@click.option(
-    "--layer-ids",
-    default=None,
-    help="Hidden-state ids, vLLM semantics: k = input of decoder layer k, N = final pre-norm "
-    "output (example for a 30-layer verifier: 2,15,27,30).",
-)
-@click.option(
-    "--algorithm",
-    default=None,
-    help="Ask the installed algorithm plugin which states it needs (instead of --layer-ids).",
-)
-@click.option(
-    "--post-norm-last",
-    is_flag=True,
-    help="Take the last id (must be N) after the final norm (EAGLE-1/HASS).",
-)
-@click.option(
-    "--dtype", type=_DTYPE_CHOICES, default="bfloat16", show_default=True, help="Storage dtype."
-)
+@_spec_options()
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option(
     "--max-batch-tokens",
@@ -251,22 +445,9 @@ def hidden_states_command(
     overwrite: bool,
 ) -> None:
     """Run the verifier over prepared data and store the hidden states (resumable)."""
-    from speculators_core.data.specs import parse_layer_ids, spec_for_algorithm
     from speculators_core.data.store import capture_to_store
-    from speculators_core.data.verifier import verifier_folder
-    from speculators_core.features import HiddenStateSpec
 
-    if (layer_ids is None) == (algorithm is None):
-        raise SpeculatorsError(
-            "give exactly one of --layer-ids (e.g. 2,15,27,30) or --algorithm (e.g. eagle3)"
-        )
-    if algorithm is not None:
-        if post_norm_last:
-            raise SpeculatorsError("--post-norm-last goes with --layer-ids; --algorithm decides it")
-        spec = spec_for_algorithm(algorithm, verifier_folder(verifier))
-    else:
-        assert layer_ids is not None
-        spec = HiddenStateSpec(layer_ids=parse_layer_ids(layer_ids), post_norm_last=post_norm_last)
+    spec = _hidden_state_spec(verifier, layer_ids, algorithm, post_norm_last)
     summary = capture_to_store(
         verifier=verifier,
         prepared=prepared,
