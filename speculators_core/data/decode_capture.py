@@ -56,7 +56,7 @@ from speculators_core.data.errors import DataSourceError, StoreError
 from speculators_core.data.locking import exclusive_lock
 from speculators_core.data.prepared import PreparedManifest, verifier_vocab_size, write_prepared
 from speculators_core.data.regenerate import PROMPT_TOO_LONG
-from speculators_core.data.summary import DataSummary, folder_bytes
+from speculators_core.data.summary import DataSummary
 from speculators_core.features import HiddenStateSpec
 
 __all__ = ["DecodedSample", "decode_with_states", "growing_cache", "regenerate_to_store"]
@@ -521,26 +521,14 @@ def regenerate_to_store(
             }
         )
     seconds = time.perf_counter() - started
-    data_summary = DataSummary(
-        action="regenerated",
-        output=str(prepared_path),
-        num_samples=manifest.num_samples,
-        num_tokens=manifest.num_tokens,
-        num_supervised_tokens=manifest.num_supervised_tokens,
-        bytes_written=folder_bytes(prepared_path),
-        seconds=seconds,
-        tokens_processed=manifest.num_tokens,
-        skipped=skipped.to_json(),
+    data_summary = DataSummary.of_folder(
+        "regenerated", prepared_path, manifest, seconds=seconds, skipped=skipped.to_json()
     )
-    store_summary = DataSummary(
-        action="captured",
-        output=str(store_path),
-        num_samples=store_manifest.num_samples,
-        num_tokens=store_manifest.num_tokens,
-        num_supervised_tokens=store_manifest.num_supervised_tokens,
-        bytes_written=folder_bytes(store_path),
+    store_summary = DataSummary.of_folder(
+        "captured",
+        store_path,
+        store_manifest,
         seconds=seconds,
-        tokens_processed=store_manifest.num_tokens,
         notes=[f"resumed with {len(done)} of {writer.num_shards} shards done"] if done else [],
     )
     return data_summary, store_summary

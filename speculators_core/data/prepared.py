@@ -37,7 +37,7 @@ from speculators_core.data.conversations import (
     load_conversations,
 )
 from speculators_core.data.errors import DatasetFormatError, DataSourceError
-from speculators_core.data.summary import DataSummary, folder_bytes
+from speculators_core.data.summary import DataSummary
 from speculators_core.fsutil import atomic_directory
 
 __all__ = [
@@ -336,14 +336,10 @@ def prepare_data(
         skipped=skipped.to_json(),
     )
     write_prepared(output, kept, manifest, overwrite=overwrite)
-    return DataSummary(
-        action="prepared",
-        output=str(output),
-        num_samples=manifest.num_samples,
-        num_tokens=manifest.num_tokens,
-        num_supervised_tokens=manifest.num_supervised_tokens,
-        bytes_written=folder_bytes(output),
+    return DataSummary.of_folder(
+        "prepared",
+        output,
+        manifest,
         seconds=time.perf_counter() - start,
-        tokens_processed=manifest.num_tokens,
         skipped=skipped.to_json(),
     )

@@ -48,7 +48,7 @@ from speculators_core.data.prepared import (
     verifier_vocab_size,
     write_prepared,
 )
-from speculators_core.data.summary import DataSummary, folder_bytes
+from speculators_core.data.summary import DataSummary
 from speculators_core.fsutil import atomic_file
 
 __all__ = [
@@ -396,14 +396,10 @@ def regenerate_data(
         )
         write_prepared(out, kept, manifest, overwrite=overwrite, conversations=kept_convs)
         shutil.rmtree(work, ignore_errors=True)
-    return DataSummary(
-        action="regenerated",
-        output=str(out),
-        num_samples=manifest.num_samples,
-        num_tokens=manifest.num_tokens,
-        num_supervised_tokens=manifest.num_supervised_tokens,
-        bytes_written=folder_bytes(out),
+    return DataSummary.of_folder(
+        "regenerated",
+        out,
+        manifest,
         seconds=time.perf_counter() - start_time,
-        tokens_processed=manifest.num_tokens,
         skipped=skipped.to_json(),
     )

@@ -55,7 +55,7 @@ from speculators_core.data.fingerprint import (
 )
 from speculators_core.data.locking import exclusive_lock
 from speculators_core.data.prepared import PreparedDataset
-from speculators_core.data.summary import DataSummary, folder_bytes
+from speculators_core.data.summary import DataSummary
 from speculators_core.features import HiddenStateSpec
 from speculators_core.fsutil import atomic_file
 
@@ -707,13 +707,10 @@ def capture_to_store(
             }
         )
     notes = [f"resumed with {len(done)} of {writer.num_shards} shards done"] if done else []
-    return DataSummary(
-        action="captured",
-        output=str(output),
-        num_samples=manifest.num_samples,
-        num_tokens=manifest.num_tokens,
-        num_supervised_tokens=manifest.num_supervised_tokens,
-        bytes_written=folder_bytes(output),
+    return DataSummary.of_folder(
+        "captured",
+        output,
+        manifest,
         seconds=time.perf_counter() - start_time,
         tokens_processed=processed,
         notes=notes,

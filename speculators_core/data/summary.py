@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 __all__ = ["DataSummary", "folder_bytes"]
 
@@ -26,6 +27,14 @@ def _human_bytes(n: int) -> str:
     return f"{size:.1f} TB"  # pragma: no cover - loop always returns
 
 
+class _Counts(Protocol):
+    """What a prepared-data or store manifest counts."""
+
+    num_samples: int
+    num_tokens: int
+    num_supervised_tokens: int
+
+
 @dataclass
 class DataSummary:
     """What a data command produced; :meth:`describe` is the line the CLI prints last."""
@@ -41,6 +50,35 @@ class DataSummary:
     tokens_processed: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+
+    @classmethod
+    def of_folder(
+        cls,
+        action: str,
+        output: str | os.PathLike[str],
+        manifest: _Counts,
+        *,
+        seconds: float,
+        tokens_processed: int | None = None,
+        skipped: dict[str, int] | None = None,
+        notes: list[str] | None = None,
+    ) -> DataSummary:
+        """The summary of a finished folder: counts from its ``manifest``, size from disk.
+
+        ``tokens_processed`` defaults to all the manifest's tokens (a run that did everything).
+        """
+        return cls(
+            action=action,
+            output=str(output),
+            num_samples=manifest.num_samples,
+            num_tokens=manifest.num_tokens,
+            num_supervised_tokens=manifest.num_supervised_tokens,
+            bytes_written=folder_bytes(output),
+            seconds=seconds,
+            tokens_processed=manifest.num_tokens if tokens_processed is None else tokens_processed,
+            skipped=dict(skipped or {}),
+            notes=list(notes or []),
+        )
 
     @property
     def tokens_per_second(self) -> float:
