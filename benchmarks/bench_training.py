@@ -209,9 +209,9 @@ class _FileSource:
 
 
 def _load_draft(settings: dict[str, Any], work: Path) -> Any:
-    from speculators_core.model import SpeculatorModel
+    from speculators_core.loading import load_speculator
 
-    model = SpeculatorModel.from_pretrained(work / "draft", verifier=settings["verifier"])
+    model = load_speculator(work / "draft", verifier=settings["verifier"])
     # Training-only settings are not saved with a checkpoint: set them as prepared.
     model.configure_training(
         ttt_steps=settings["ttt_steps"], noise_std=0.0, attn_implementation="sdpa"

@@ -2,7 +2,7 @@
 
 The public API. Importing this package builds no plugin host and imports no plugin; it only
 teaches transformers' ``AutoConfig`` to recognise speculators folders (see
-:func:`speculators_core.model.install_auto_config_loader`).
+:func:`speculators_core.loading.install_auto_config_loader`).
 """
 
 from speculators_core.config import (
@@ -13,7 +13,6 @@ from speculators_core.config import (
     VerifierConfig,
     core_version,
     layer_config_from_dict,
-    load_config,
 )
 from speculators_core.drafting import DraftProposal, DraftSession
 from speculators_core.errors import (
@@ -23,7 +22,14 @@ from speculators_core.errors import (
     UnknownAlgorithmError,
 )
 from speculators_core.features import HiddenStateSpec
-from speculators_core.model import SpeculatorModel, TrainingStepOutput, install_auto_config_loader
+from speculators_core.loading import (
+    install_auto_config_loader,
+    load_config,
+    load_speculator,
+    register_with_transformers,
+    validation_context,
+)
+from speculators_core.model import SpeculatorModel, TrainingStepOutput
 from speculators_core.plugins import (
     Algorithm,
     Converter,
@@ -67,4 +73,7 @@ __all__ = [
     "hookimpl",
     "layer_config_from_dict",
     "load_config",
+    "load_speculator",
+    "register_with_transformers",
+    "validation_context",
 ]

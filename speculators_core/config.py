@@ -12,6 +12,7 @@ annotations with defaults, plus ``speculators_model_type: str = "<name>"``.
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import functools
 import inspect
@@ -31,6 +32,7 @@ from speculators_core.errors import ConfigError
 
 __all__ = [
     "CONFIG_NAME",
+    "PROPOSAL_RESOLVER",
     "GreedyTokenProposalConfig",
     "SpeculatorModelConfig",
     "SpeculatorsConfig",
@@ -39,7 +41,6 @@ __all__ = [
     "core_version",
     "format_validation_error",
     "layer_config_from_dict",
-    "load_config",
     "read_config_dict",
 ]
 
@@ -57,10 +58,16 @@ def core_version() -> str:
         return "0.0.0+local"
 
 
-def format_validation_error(error: pydantic.ValidationError, *, where: str = "config") -> str:
-    """One line naming the first invalid field, what is wrong, and the value found."""
+def format_validation_error(
+    error: pydantic.ValidationError, *, where: str = "config", prefix: str = ""
+) -> str:
+    """One line naming the first invalid field, what is wrong, and the value found.
+
+    ``prefix`` names the object that was validated when it is nested in the config
+    (``speculators_config``), so the field reads as its full path.
+    """
     first = error.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    loc = ".".join([prefix] * bool(prefix) + [str(p) for p in first["loc"]]) or "(top level)"
     if first["type"] == "missing":
         return f"{where}: missing required field '{loc}'"
     value = first.get("input")
@@ -138,32 +145,50 @@ class GreedyTokenProposalConfig(TokenProposalConfig):
     accept_tolerance: float = 0.0
 
 
+#: Key of the pydantic validation context that resolves ``proposal_type`` to a config class: a
+#: callable ``(proposal_type) -> type[TokenProposalConfig]`` raising ``ValueError`` for unknown
+#: types. :func:`speculators_core.loading.validation_context` builds one from a plugin host.
+PROPOSAL_RESOLVER = "proposal_class"
+
+#: The proposal methods the core itself defines, known without any plugin host.
+_CORE_PROPOSALS: dict[str, type[TokenProposalConfig]] = {"greedy": GreedyTokenProposalConfig}
+
+
+def _core_proposal_class(name: str) -> type[TokenProposalConfig]:
+    if name in _CORE_PROPOSALS:
+        return _CORE_PROPOSALS[name]
+    raise ValueError(
+        f"proposal method '{name}' is not one of the core's ({', '.join(sorted(_CORE_PROPOSALS))}); "
+        "pass its config object, or validate with speculators_core.loading.validation_context(host) "
+        "to use the plugins' proposal methods"
+    )
+
+
 def _validate_proposals(
     value: list[Any], info: pydantic.ValidationInfo
 ) -> list[TokenProposalConfig]:
-    """Validate each entry with the config class its ``proposal_type`` names (via the host)."""
-    from speculators_core.errors import PluginError
+    """Validate each entry with the config class its ``proposal_type`` names.
 
-    host = (info.context or {}).get("host")
-    if host is None:
-        from speculators_core.plugins.host import get_host
-
-        host = get_host()
-    # Already-built entries are re-validated from their dump, so every entry goes through the
-    # class registered for its proposal_type and errors carry the entry index
+    The class comes from the validation context's resolver (a plugin host's proposal methods,
+    see :mod:`speculators_core.loading`); without one, an entry that is already a config object
+    keeps its own class and a raw entry must name one of the core's methods.
+    """
+    resolver = (info.context or {}).get(PROPOSAL_RESOLVER, _core_proposal_class)
+    # Every entry goes through the class registered for its proposal_type (built entries are
+    # re-validated from their dump), so errors carry the entry index
     # (proposal_methods.0.speculative_tokens).
-    entries = [e.model_dump() if isinstance(e, TokenProposalConfig) else e for e in value]
+    entries: list[Any] = []
     classes: dict[str, type[TokenProposalConfig]] = {}
-    for entry in entries:
-        if not isinstance(entry, Mapping) or not isinstance(entry.get("proposal_type"), str):
+    for entry in value:
+        if isinstance(entry, TokenProposalConfig):
+            classes.setdefault(entry.proposal_type, type(entry))
+            entry = entry.model_dump()
+        elif not isinstance(entry, Mapping) or not isinstance(entry.get("proposal_type"), str):
             raise ValueError("each proposal method must be an object with a string 'proposal_type'")
-        try:
-            classes[entry["proposal_type"]] = host.proposal_method(
-                entry["proposal_type"]
-            ).config_class
-        except PluginError as err:  # pydantic reports ValueErrors as field errors
-            raise ValueError(str(err)) from err
-    choices = tuple(classes.values())
+        elif entry["proposal_type"] not in classes:
+            classes[entry["proposal_type"]] = resolver(entry["proposal_type"])
+        entries.append(entry)
+    choices = tuple(dict.fromkeys(classes.values()))
     if not choices:
         return []
     item: Any = choices[0]
@@ -241,6 +266,12 @@ def layer_config_from_dict(
 # The top-level config
 # ------------------------------------------------------------------------------------------------
 
+# Set while from_dict builds a config from values it has just validated, so construction does
+# not validate them a second time (a ContextVar, so concurrent loads do not interfere).
+_VALIDATED: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "speculators_config_validated", default=False
+)
+
 # HF base keys written to config.json besides the speculator fields (FORMAT.md 1.2).
 _HF_KEYS_KEPT = ("architectures", "transformers_version", "dtype")
 # Keys never written, even when a loaded file carried them.
@@ -301,7 +332,7 @@ class SpeculatorModelConfig(PreTrainedConfig):
                 f"config: speculators_model_type is '{self.speculators_model_type}' but "
                 f"{type(self).__name__} is for '{declared}'"
             )
-        if self.speculators_config is not None:
+        if self.speculators_config is not None and not _VALIDATED.get():
             self._validate_fields()
 
     # -------------------------------------------------------------- schema
@@ -352,15 +383,21 @@ class SpeculatorModelConfig(PreTrainedConfig):
 
     @classmethod
     def validate_dict(
-        cls, data: Mapping[str, Any], *, where: str = "config", host: Any = None
+        cls,
+        data: Mapping[str, Any],
+        *,
+        where: str = "config",
+        context: Mapping[str, Any] | None = None,
     ) -> dict[str, Any]:
         """Validate a raw config dict against this class's schema; return the coerced values.
 
-        Raises :class:`ConfigError` with one line naming the first bad field.
+        ``context`` is the pydantic validation context (see
+        :func:`speculators_core.loading.validation_context` to resolve plugins' proposal
+        methods). Raises :class:`ConfigError` with one line naming the first bad field.
         """
         fields = {k: v for k, v in data.items() if k in cls.speculator_field_names()}
         try:
-            validated = cls.pydantic_schema().model_validate(fields, context={"host": host})
+            validated = cls.pydantic_schema().model_validate(fields, context=dict(context or {}))
         except pydantic.ValidationError as err:
             raise ConfigError(format_validation_error(err, where=where)) from err
         return {name: getattr(validated, name) for name in fields}
@@ -402,11 +439,21 @@ class SpeculatorModelConfig(PreTrainedConfig):
 
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> Any:
-        """Build from a raw dict (as read from ``config.json``), validating it first."""
+        """Build from a raw dict (as read from ``config.json``), validated once.
+
+        ``where`` (a keyword, default ``"config"``) names the source in error messages. Raw
+        ``proposal_methods`` entries must name one of the core's methods; to resolve the
+        plugins' methods too, load with :func:`speculators_core.loading.load_config`.
+        """
+        where = kwargs.pop("where", "config")
         data = dict(config_dict)
         data.pop("model_type", None)
-        cls.validate_dict(data)
-        return super().from_dict(data, **kwargs)
+        data.update(cls.validate_dict(data, where=where))
+        token = _VALIDATED.set(True)  # construction must not validate the same values again
+        try:
+            return super().from_dict(data, **kwargs)
+        finally:
+            _VALIDATED.reset(token)
 
 
 def _own_type_hints(cls: type) -> dict[str, Any]:
@@ -452,47 +499,3 @@ def read_config_dict(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"'{path}' must hold a JSON object, found {type(data).__name__}")
     return data
-
-
-def load_config(
-    source: str | os.PathLike[str] | Mapping[str, Any], *, host: Any = None
-) -> SpeculatorModelConfig:
-    """Load a speculator config from a folder, a ``config.json`` path or a dict.
-
-    The class is chosen by ``speculators_model_type`` through the plugin host's discriminated
-    union of installed algorithms. Every failure is a one-line :class:`ConfigError` (or a
-    :class:`~speculators_core.errors.PluginError` for an algorithm no plugin provides).
-    """
-    if host is None:
-        from speculators_core.plugins.host import get_host
-
-        host = get_host()
-    where = "config"
-    if isinstance(source, Mapping):
-        data = dict(source)
-    else:
-        path = Path(source)
-        data = read_config_dict(path)
-        where = str(path / CONFIG_NAME if path.is_dir() else path)
-    kind = data.get("speculators_model_type")
-    if kind is None:
-        if data.get("model_type"):
-            raise ConfigError(
-                f"{where}: missing required field 'speculators_model_type' (this looks like a plain "
-                f"'{data['model_type']}' model, not a speculator; convert it with 'speculators convert')"
-            )
-        raise ConfigError(f"{where}: missing required field 'speculators_model_type'")
-    if not isinstance(kind, str):
-        raise ConfigError(
-            f"{where}: field 'speculators_model_type' must be a string (got {kind!r})"
-        )
-    algorithm = host.algorithm(kind)
-    try:
-        host.config_union().validate_python(
-            {k: v for k, v in data.items() if k != "model_type"}, context={"host": host}
-        )
-    except pydantic.ValidationError as err:
-        raise ConfigError(format_validation_error(err, where=where)) from err
-    data.pop("model_type", None)
-    config = algorithm.config_class.from_dict(data)
-    return typing.cast(SpeculatorModelConfig, config)

@@ -5,17 +5,16 @@ A speculator is a transformers ``PreTrainedModel`` whose ``config.json`` is a
 
 * ``save_pretrained`` that writes safetensors only, into a temporary folder renamed into place,
   so a failure leaves nothing half-written;
-* ``from_pretrained`` that picks the class from ``speculators_model_type`` through the plugin
-  host (``SpeculatorModel.from_pretrained(folder)`` works for any installed algorithm);
-* registration with transformers' ``AutoConfig``/``AutoModel`` so ``AutoModel.from_pretrained``
-  loads speculators without ``trust_remote_code``;
+* ``from_pretrained`` on an algorithm's class (``Eagle3DraftModel.from_pretrained(folder)``);
+  choosing the class from ``speculators_model_type`` needs a plugin host, so it lives in
+  :mod:`speculators_core.loading` (``load_speculator(folder)``), as does the registration with
+  transformers' ``AutoConfig``/``AutoModel``;
 * the algorithm contract that plugins implement (build from a verifier, hidden-state spec,
   training step, drafting session).
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 from dataclasses import dataclass, field
@@ -23,29 +22,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from transformers import AutoConfig, AutoModel, PreTrainedModel
+from transformers import PreTrainedModel
 
-from speculators_core.config import (
-    CONFIG_NAME,
-    SpeculatorModelConfig,
-    load_config,
-    read_config_dict,
-)
+from speculators_core.config import SpeculatorModelConfig, read_config_dict
 from speculators_core.errors import ConfigError, SpeculatorsError
 from speculators_core.features import HiddenStateSpec
 from speculators_core.fsutil import atomic_directory
 
 if TYPE_CHECKING:
     from speculators_core.drafting import DraftSession
-    from speculators_core.plugins.host import PluginHost
-    from speculators_core.plugins.records import Algorithm
 
-__all__ = [
-    "SpeculatorModel",
-    "TrainingStepOutput",
-    "install_auto_config_loader",
-    "register_auto_classes",
-]
+__all__ = ["WEIGHTS_NAME", "SpeculatorModel", "TrainingStepOutput"]
 
 logger = logging.getLogger(__name__)
 
@@ -165,15 +152,15 @@ class SpeculatorModel(PreTrainedModel):
         pretrained_model_name_or_path: str | os.PathLike[str],
         *model_args: Any,
         config: SpeculatorModelConfig | None = None,
-        host: PluginHost | None = None,
         verifier: str | os.PathLike[str] | None = None,
         **kwargs: Any,
     ) -> Any:
-        """Load a speculator folder; the class comes from its ``speculators_model_type``.
+        """Load a speculator folder holding this class's ``speculators_model_type``.
 
-        Called on ``SpeculatorModel`` itself, the installed plugin that provides the type is
-        looked up through the plugin host. Called on a subclass, the folder's type must match.
-        ``verifier`` re-attaches frozen verifier parts (see :meth:`attach_verifier_parts`).
+        Called on an algorithm's class (``Eagle3DraftModel.from_pretrained(folder)``). To load
+        whatever algorithm a folder holds, use :func:`speculators_core.load_speculator`, which
+        asks the plugin host for the class. ``verifier`` re-attaches frozen verifier parts
+        (see :meth:`attach_verifier_parts`).
         """
         path = Path(pretrained_model_name_or_path)
         if not path.is_dir():
@@ -182,18 +169,20 @@ class SpeculatorModel(PreTrainedModel):
                 "pass a local folder)"
             )
         if config is None:
-            config = load_config(path, host=host)
-        target = _class_for_config(config, host)
-        if (
-            cls is not SpeculatorModel
-            and not issubclass(target, cls)
-            and not issubclass(cls, target)
-        ):
+            if cls is SpeculatorModel:
+                kind = read_config_dict(path).get("speculators_model_type")
+                raise ConfigError(
+                    f"SpeculatorModel is the base class and cannot tell which class loads '{path}' "
+                    f"(a '{kind}' speculator); use speculators_core.load_speculator(folder), which "
+                    "asks the installed plugins, or the algorithm's own model class"
+                )
+            config = cls.config_class.from_dict(read_config_dict(path), where=str(path))
+        declared = getattr(cls.config_class, "speculators_model_type", "")
+        if declared and config.speculators_model_type != declared:
             raise ConfigError(
                 f"'{path}' holds a '{config.speculators_model_type}' speculator, not a {cls.__name__}; "
-                "load it with SpeculatorModel.from_pretrained"
+                "load it with speculators_core.load_speculator(folder)"
             )
-        load_cls = cls if cls is not SpeculatorModel and issubclass(cls, target) else target
         if (
             not (path / WEIGHTS_NAME).is_file()
             and not (path / f"{WEIGHTS_NAME}.index.json").is_file()
@@ -202,102 +191,8 @@ class SpeculatorModel(PreTrainedModel):
                 f"'{path}' has no {WEIGHTS_NAME}; a speculator folder holds config.json and safetensors weights"
             )
         model = PreTrainedModel.from_pretrained.__func__(  # type: ignore[attr-defined]
-            load_cls, path, *model_args, config=config, use_safetensors=True, **kwargs
+            cls, path, *model_args, config=config, use_safetensors=True, **kwargs
         )
         if verifier is not None:
             model.attach_verifier_parts(verifier)
         return model
-
-
-def _class_for_config(
-    config: SpeculatorModelConfig, host: PluginHost | None
-) -> type[SpeculatorModel]:
-    if host is None:
-        from speculators_core.plugins.host import get_host
-
-        host = get_host()
-    algo = host.algorithm(config.speculators_model_type)
-    return algo.model_class
-
-
-# ------------------------------------------------------------------------------------------------
-# transformers Auto classes
-# ------------------------------------------------------------------------------------------------
-
-
-def register_auto_classes(algorithm: Algorithm) -> None:
-    """Register one algorithm's config and model classes with ``AutoConfig``/``AutoModel``."""
-    config_cls = algorithm.config_class
-    key = f"speculators-{algorithm.name}"
-    if config_cls.model_type != key:
-        # Each algorithm needs its own registry key; set it on the class (it is never written).
-        config_cls.model_type = key
-    AutoConfig.register(key, config_cls, exist_ok=True)
-    AutoModel.register(config_cls, algorithm.model_class, exist_ok=True)
-
-
-@functools.cache
-def install_auto_config_loader() -> None:
-    """Teach ``AutoConfig.from_pretrained`` to recognise speculators folders.
-
-    A speculators ``config.json`` deliberately has no top-level ``model_type`` (vLLM relies on
-    its absence), so transformers cannot pick a config class for it by itself. This wraps
-    ``AutoConfig.from_pretrained`` once: a local folder whose config has
-    ``speculators_config`` and no ``model_type`` is loaded through the plugin host (which also
-    registers the algorithm's ``AutoModel`` mapping); everything else goes to transformers
-    unchanged. Called when ``speculators_core`` is imported; it imports no plugin.
-    """
-    original = AutoConfig.from_pretrained.__func__  # type: ignore[attr-defined]
-
-    @functools.wraps(original)
-    def from_pretrained(
-        cls: Any, pretrained_model_name_or_path: Any, *args: Any, **kwargs: Any
-    ) -> Any:
-        path = Path(str(pretrained_model_name_or_path))
-        cfg_file = path / CONFIG_NAME
-        if cfg_file.is_file():
-            try:
-                data = read_config_dict(cfg_file)
-            except ConfigError:
-                data = {}
-            if "model_type" not in data and "speculators_config" in data:
-                from speculators_core.plugins.host import get_host
-
-                host = get_host()
-                host.register_with_transformers()
-                config = load_config(data, host=host)
-                config.name_or_path = str(path)
-                if kwargs.get("return_unused_kwargs"):
-                    unused = {
-                        k: v
-                        for k, v in kwargs.items()
-                        if k
-                        not in {
-                            "return_unused_kwargs",
-                            "trust_remote_code",
-                            "code_revision",
-                            "_from_auto",
-                        }
-                        and k not in _HUB_KWARGS
-                    }
-                    return config, unused
-                return config
-        return original(cls, pretrained_model_name_or_path, *args, **kwargs)
-
-    AutoConfig.from_pretrained = classmethod(from_pretrained)  # type: ignore[method-assign,assignment]
-
-
-# Hub keyword arguments AutoModel forwards to AutoConfig; they are not config overrides.
-_HUB_KWARGS = frozenset(
-    {
-        "cache_dir",
-        "force_download",
-        "proxies",
-        "revision",
-        "token",
-        "local_files_only",
-        "subfolder",
-        "_commit_hash",
-        "adapter_kwargs",
-    }
-)

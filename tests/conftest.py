@@ -23,19 +23,17 @@ for _path in (GOOD_PLUGIN_SRC, REPO / "tests"):
 
 
 @pytest.fixture
-def fixture_host(monkeypatch: pytest.MonkeyPatch):
-    """An isolated plugin host that knows the fixture algorithm; also made the default host."""
+def fixture_host():
+    """An isolated plugin host that knows the fixture algorithm (pass it where a host is taken)."""
     from speculators_fixture_good import plugin
 
-    from speculators_core.plugins import host as host_module
+    from speculators_core.plugins.host import PluginHost, PluginSettings
 
-    host = host_module.PluginHost(
-        host_module.PluginSettings(),
+    return PluginHost(
+        PluginSettings(),
         entry_points=False,
         plugins=[("speculators.algorithms:fixture-mlp", plugin)],
     )
-    monkeypatch.setattr(host_module, "get_host", lambda: host)
-    return host
 
 
 @pytest.fixture(scope="session")

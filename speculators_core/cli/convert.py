@@ -15,6 +15,7 @@ from typing import Any
 
 import click
 
+from speculators_core.cli.plugin_host import command_host
 from speculators_core.errors import PluginError, SpeculatorsError
 
 __all__ = ["convert_command", "detect_format", "parse_option", "select_converter"]
@@ -176,7 +177,7 @@ def convert_command(
             "local folder or 'smollm2'"
         )
     options = dict(parse_option(s) for s in settings)
-    converter = select_converter(source, from_format)
+    converter = select_converter(source, from_format, command_host())
     converter.convert(
         source,
         verifier=verifier_path,

@@ -126,6 +126,7 @@ def _hidden_state_spec(
     verifier: Path, layer_ids: str | None, algorithm: str | None, post_norm_last: bool
 ) -> HiddenStateSpec:
     """The spec of ``--layer-ids``/``--algorithm``/``--post-norm-last`` (one-line errors)."""
+    from speculators_core.cli.plugin_host import command_host
     from speculators_core.data.specs import parse_layer_ids, spec_for_algorithm
     from speculators_core.data.verifier import verifier_folder
     from speculators_core.features import HiddenStateSpec
@@ -137,7 +138,7 @@ def _hidden_state_spec(
     if algorithm is not None:
         if post_norm_last:
             raise SpeculatorsError("--post-norm-last goes with --layer-ids; --algorithm decides it")
-        return spec_for_algorithm(algorithm, verifier_folder(verifier))
+        return spec_for_algorithm(algorithm, verifier_folder(verifier), host=command_host())
     assert layer_ids is not None
     return HiddenStateSpec(layer_ids=parse_layer_ids(layer_ids), post_norm_last=post_norm_last)
 

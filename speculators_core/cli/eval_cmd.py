@@ -137,6 +137,7 @@ def eval_command(
 
     Prints a table and writes OUTPUT/eval.json and OUTPUT/acceptance.png.
     """
+    from speculators_core.cli.plugin_host import command_host
     from speculators_core.evaluate.evaluation import evaluate_reference, evaluate_vllm
     from speculators_core.evaluate.plots import plot_acceptance
     from speculators_core.evaluate.prompts import load_prompt_texts, render_prompts
@@ -170,6 +171,7 @@ def eval_command(
                 seed=seed,
                 eos=eos,
                 baseline=baseline,
+                host=command_host(),
             )
         )
     if engine in ("vllm", "both"):

@@ -21,6 +21,7 @@ from typing import Any
 
 import click
 
+from speculators_core.cli.plugin_host import command_host
 from speculators_core.train.arguments import TrainingArguments
 from speculators_core.train.errors import TrainingConfigError
 
@@ -141,7 +142,7 @@ def _run(
     config = resolve_run_config(file_values, values, parse_algo_options(algo_opt))
     ctx = DistributedContext.from_env(config.training.device)
     try:
-        prepared = prepare_run(config, ctx=ctx)
+        prepared = prepare_run(config, host=command_host(), ctx=ctx)
         if dry_run:
             if ctx.is_main:
                 click.echo(json.dumps(describe_run(prepared), indent=2, sort_keys=True))

@@ -9,9 +9,12 @@ alone's ``baseline_tokens_per_second``, ``speedup`` and, when greedy, ``identica
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from speculators_core.errors import SpeculatorsError
+
+if TYPE_CHECKING:
+    from speculators_core.plugins.host import PluginHost
 
 __all__ = ["evaluate_reference", "evaluate_vllm"]
 
@@ -27,8 +30,12 @@ def evaluate_reference(
     seed: int,
     eos: set[int],
     baseline: bool,
+    host: PluginHost | None = None,
 ) -> dict[str, Any]:
-    """Decode ``prompts`` with the reference decoder (transformers verifier + the draft)."""
+    """Decode ``prompts`` with the reference decoder (transformers verifier + the draft).
+
+    ``host`` is the plugin host that provides the draft's algorithm (the default host if None).
+    """
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -47,6 +54,7 @@ def evaluate_reference(
             seed=seed,
             eos=eos,
             baseline=baseline,
+            host=host,
         )
 
 
@@ -55,18 +63,20 @@ def _decode_all(
     draft_dir: Path,
     verifier_dir: Path,
     prompts: list[list[int]],
+    *,
+    host: PluginHost | None,
     **settings: Any,
 ) -> dict[str, Any]:
     import torch
     from tqdm import tqdm
 
     from speculators_core.evaluate.reference import DecodeStats, ReferenceDecoder
-    from speculators_core.model import SpeculatorModel
+    from speculators_core.loading import load_speculator
 
     k, temperature, seed = settings["k"], settings["temperature"], settings["seed"]
     max_new_tokens, eos = settings["max_new_tokens"], settings["eos"]
 
-    draft = SpeculatorModel.from_pretrained(draft_dir, verifier=verifier_dir).float().eval()
+    draft = load_speculator(draft_dir, host=host, verifier=verifier_dir).float().eval()
     generator = torch.Generator().manual_seed(seed)
     with_draft = ReferenceDecoder(verifier, draft, k=k, eos_token_ids=eos)
     total = DecodeStats(k=k)

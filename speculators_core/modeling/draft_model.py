@@ -88,7 +88,7 @@ class HiddenStateDraftModel(SpeculatorModel):
             raise SpeculatorsError(
                 f"{self.verifier_parts_description} are not attached; call "
                 "attach_verifier_parts(verifier_folder) or load with "
-                "SpeculatorModel.from_pretrained(folder, verifier=verifier_folder)"
+                "load_speculator(folder, verifier=verifier_folder)"
             )
 
     def training_step(self, batch: Mapping[str, torch.Tensor]) -> TrainingStepOutput:

@@ -8,7 +8,9 @@ transformers Auto-class registrations) is derived from the host, never kept as a
 registry.
 
 No host is built at import time: :func:`get_host` builds the default one on first use and caches
-it; tests build isolated hosts with :class:`PluginHost` directly.
+it; tests build isolated hosts with :class:`PluginHost` directly. The config schema and the model
+base class never ask for a host: code that chooses a class by name takes one
+(:mod:`speculators_core.loading`).
 """
 
 from __future__ import annotations
@@ -458,20 +460,6 @@ class PluginHost:
                 ]
             self._cache["config_union"] = pydantic.TypeAdapter(union)
         return self._cache["config_union"]
-
-    def register_with_transformers(self) -> None:
-        """Register every installed algorithm with transformers' ``AutoConfig``/``AutoModel``.
-
-        After this, ``AutoModel.from_pretrained(folder)`` loads a speculators checkpoint without
-        ``trust_remote_code``. Idempotent.
-        """
-        if self._cache.get("auto_registered"):
-            return
-        from speculators_core.model import register_auto_classes
-
-        for algo in self.algorithms().values():
-            register_auto_classes(algo)
-        self._cache["auto_registered"] = True
 
 
 def _check_algorithm(algo: Algorithm) -> None:

@@ -13,6 +13,7 @@ from speculators_core import (
     SpeculatorsConfig,
     VerifierConfig,
     load_config,
+    validation_context,
 )
 from speculators_core.errors import UnknownAlgorithmError
 
@@ -95,20 +96,24 @@ def test_greedy_proposal_defaults_match_format():
 
 def test_default_proposal_method_must_be_listed(fixture_host):
     with pytest.raises(ValueError, match="default_proposal_method 'tree' is not one of"):
-        SpeculatorsConfig.model_validate(_speculators_config(default_proposal_method="tree"))
+        SpeculatorsConfig.model_validate(
+            _speculators_config(default_proposal_method="tree"),
+            context=validation_context(fixture_host),
+        )
 
 
 def test_unknown_proposal_type_names_the_installed_ones(fixture_host):
     with pytest.raises(ValueError, match=r"proposal method 'medusa-tree'.*installed: greedy"):
         SpeculatorsConfig.model_validate(
-            _speculators_config(proposal_methods=[{"proposal_type": "medusa-tree"}])
+            _speculators_config(proposal_methods=[{"proposal_type": "medusa-tree"}]),
+            context=validation_context(fixture_host),
         )
 
 
 def test_load_config_roundtrip_keeps_unknown_keys(tmp_path, fixture_host):
     raw = _raw_config(inference_type="text")
     (tmp_path / "config.json").write_text(json.dumps(raw))
-    config = load_config(tmp_path)
+    config = load_config(tmp_path, host=fixture_host)
     assert isinstance(config, FixtureMlpConfig)
     assert config.speculators_config.default_proposal().speculative_tokens == 3
     assert config.to_dict()["inference_type"] == "text"
@@ -151,14 +156,14 @@ def test_malformed_config_fails_with_one_line_naming_the_field(
 ):
     (tmp_path / "config.json").write_text(text)
     with pytest.raises(ConfigError, match=message) as info:
-        load_config(tmp_path)
+        load_config(tmp_path, host=fixture_host)
     assert "\n" not in str(info.value)
 
 
 def test_unknown_model_type_lists_installed_types(tmp_path, fixture_host):
     (tmp_path / "config.json").write_text(json.dumps(_raw_config(speculators_model_type="medusa")))
     with pytest.raises(UnknownAlgorithmError) as info:
-        load_config(tmp_path)
+        load_config(tmp_path, host=fixture_host)
     message = str(info.value)
     assert message == (
         "no installed plugin provides algorithm 'medusa' (installed: fixture-mlp); "
@@ -169,7 +174,7 @@ def test_unknown_model_type_lists_installed_types(tmp_path, fixture_host):
 def test_known_missing_algorithm_names_its_distribution(tmp_path, fixture_host):
     (tmp_path / "config.json").write_text(json.dumps(_raw_config(speculators_model_type="eagle3")))
     with pytest.raises(UnknownAlgorithmError, match="install speculators-eagle3"):
-        load_config(tmp_path)
+        load_config(tmp_path, host=fixture_host)
 
 
 def test_config_class_rejects_wrong_model_type(fixture_host):

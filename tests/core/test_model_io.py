@@ -10,7 +10,13 @@ import torch
 from safetensors import safe_open
 from speculators_fixture_good.plugin import FixtureMlpSpeculator
 
-from speculators_core import ConfigError, SpeculatorModel, SpeculatorsError
+from speculators_core import (
+    ConfigError,
+    SpeculatorModel,
+    SpeculatorsError,
+    load_speculator,
+    register_with_transformers,
+)
 from speculators_core.errors import UnknownAlgorithmError
 
 
@@ -42,10 +48,11 @@ def test_reload_through_speculator_model_and_automodel(tmp_path, draft, fixture_
     from transformers import AutoConfig, AutoModel
 
     draft.save_pretrained(tmp_path / "out")
-    via_base = SpeculatorModel.from_pretrained(tmp_path / "out")
+    via_base = load_speculator(tmp_path / "out", host=fixture_host)
     assert type(via_base) is FixtureMlpSpeculator
     _assert_same_tensors(draft, via_base)
 
+    register_with_transformers(fixture_host)
     config = AutoConfig.from_pretrained(tmp_path / "out")
     assert config.speculators_model_type == "fixture-mlp"
     via_auto = AutoModel.from_pretrained(tmp_path / "out")
@@ -65,17 +72,17 @@ def test_unknown_type_fails_with_installed_list_and_writes_nothing(tmp_path, dra
     (tmp_path / "out" / "config.json").write_text(json.dumps(cfg))
     before = sorted(os.listdir(tmp_path / "out"))
     with pytest.raises(UnknownAlgorithmError, match=r"'medusa' \(installed: fixture-mlp\)"):
-        SpeculatorModel.from_pretrained(tmp_path / "out")
+        load_speculator(tmp_path / "out", host=fixture_host)
     assert sorted(os.listdir(tmp_path / "out")) == before
 
 
 def test_missing_folder_and_missing_weights(tmp_path, draft, fixture_host):
     with pytest.raises(SpeculatorsError, match="does not exist"):
-        SpeculatorModel.from_pretrained(tmp_path / "nowhere")
+        load_speculator(tmp_path / "nowhere", host=fixture_host)
     draft.save_pretrained(tmp_path / "out")
     (tmp_path / "out" / "model.safetensors").unlink()
     with pytest.raises(SpeculatorsError, match=r"has no model\.safetensors"):
-        SpeculatorModel.from_pretrained(tmp_path / "out")
+        load_speculator(tmp_path / "out", host=fixture_host)
 
 
 def test_failed_save_leaves_nothing(tmp_path, draft, monkeypatch):
@@ -111,3 +118,27 @@ def test_save_without_speculators_config_is_refused(tmp_path, draft):
     with pytest.raises(ConfigError, match="missing required field 'speculators_config'"):
         draft.save_pretrained(tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_base_class_from_pretrained_points_at_load_speculator(tmp_path, draft):
+    """Only a plugin host can pick the class, so the base class says where to go instead."""
+    draft.save_pretrained(tmp_path / "out")
+    with pytest.raises(ConfigError, match=r"'fixture-mlp' speculator\); use .*load_speculator"):
+        SpeculatorModel.from_pretrained(tmp_path / "out")
+
+
+def test_subclass_refuses_another_algorithms_folder(tmp_path, draft):
+    draft.save_pretrained(tmp_path / "out")
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+
+    class OtherConfig(type(draft.config)):
+        speculators_model_type: str = "other-mlp"
+
+    class OtherSpeculator(FixtureMlpSpeculator):
+        config_class = OtherConfig
+
+    assert cfg["speculators_model_type"] == "fixture-mlp"
+    with pytest.raises(
+        ConfigError, match="holds a 'fixture-mlp' speculator, not a OtherSpeculator"
+    ):
+        OtherSpeculator.from_pretrained(tmp_path / "out", config=draft.config)

@@ -25,8 +25,8 @@ from speculators_core.testing import make_tiny_verifier
 FIXTURE_PLUGIN = Path(__file__).resolve().parents[1] / "fixtures" / "good_plugin"
 
 
-def invoke(*args: object):
-    return CliRunner().invoke(data_group, [str(a) for a in args])
+def invoke(*args: object, host: PluginHost | None = None):
+    return CliRunner().invoke(data_group, [str(a) for a in args], obj=host)
 
 
 def test_prepare_hidden_states_vocab_flow(tiny_verifier: Path, chat_file: Path, tmp_path: Path):
@@ -136,7 +136,6 @@ def fixture_host(monkeypatch: pytest.MonkeyPatch) -> PluginHost:
             ]
 
     host = PluginHost(entry_points=False, plugins=[("fixture", fixture), ("cheap", CheapPlugin())])
-    monkeypatch.setattr("speculators_core.plugins.host.get_host", lambda: host)
     return host
 
 
@@ -148,7 +147,14 @@ def test_algorithm_asks_the_plugin_for_its_spec(
     prep = tmp_path / "prep"
     assert (
         invoke(
-            "prepare", "--verifier", tiny_verifier, "--data", chat_file, "--output", prep
+            "prepare",
+            "--verifier",
+            tiny_verifier,
+            "--data",
+            chat_file,
+            "--output",
+            prep,
+            host=fixture_host,
         ).exit_code
         == 0
     )
@@ -162,6 +168,7 @@ def test_algorithm_asks_the_plugin_for_its_spec(
         tmp_path / "hs",
         "--algorithm",
         algorithm,
+        host=fixture_host,
     )
     assert result.exit_code == 0, result.output
     assert ShardStore.open(tmp_path / "hs").manifest.layer_ids == layer_ids
@@ -178,6 +185,7 @@ def test_unknown_algorithm(fixture_host, tiny_verifier: Path, tmp_path: Path):
         tmp_path / "o",
         "--algorithm",
         "medusa",
+        host=fixture_host,
     )
     assert isinstance(result.exception, SpeculatorsError)
     assert "medusa" in str(result.exception)
@@ -358,7 +366,7 @@ def test_regenerate_store_with_algorithm(
     """--algorithm asks the plugin for its spec, as in 'data hidden-states'."""
     prep, store = tmp_path / "prep", tmp_path / "store"
     args = _one_pass_args(tiny_verifier, chat_file, prep, store)
-    result = invoke(*args, "--algorithm", "cheap-spec", "--max-turns", 1)
+    result = invoke(*args, "--algorithm", "cheap-spec", "--max-turns", 1, host=fixture_host)
     assert result.exit_code == 0, result.output
     opened = ShardStore.open(store)
     assert opened.manifest.layer_ids == [1, 3] and opened.manifest.dtype_name == "bfloat16"

@@ -36,6 +36,7 @@ def test_eval_writes_json_and_png(tmp_path, tiny_verifier, fixture_host):
             str(tmp_path / "eval"),
         ],
         catch_exceptions=False,
+        obj=fixture_host,
     )
     assert result.exit_code == 0, result.output
     table = [
@@ -62,7 +63,9 @@ def test_eval_bad_inputs_are_one_line(tmp_path, tiny_verifier, fixture_host):
     torch.manual_seed(0)
     FixtureMlpSpeculator.from_verifier(tiny_verifier).save_pretrained(tmp_path / "draft")
     bad = runner.invoke(
-        eval_command, [str(tmp_path / "draft"), "--prompts", str(tmp_path / "none.txt")]
+        eval_command,
+        [str(tmp_path / "draft"), "--prompts", str(tmp_path / "none.txt")],
+        obj=fixture_host,
     )
     assert (
         bad.exit_code == 1

@@ -137,10 +137,10 @@ def test_reference_decoder_agrees_with_vllm(run):
     two implementations disagree on a near-tied argmax, or in how a sequence's last round
     (cut by the token budget or EOS) is counted.
     """
-    from speculators_core import SpeculatorModel
+    from speculators_core import load_speculator
     from speculators_core.evaluate.reference import DecodeStats, ReferenceDecoder
 
-    draft = SpeculatorModel.from_pretrained(run["folder"], verifier=run["verifier"]).eval()
+    draft = load_speculator(run["folder"], verifier=run["verifier"]).eval()
     eos = [run["tokenizer"].eos_token_id]
     decoder = ReferenceDecoder(run["model"], draft, k=K, eos_token_ids=eos)
     total = DecodeStats(k=K)

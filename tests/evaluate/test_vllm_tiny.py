@@ -186,10 +186,10 @@ def test_sampled_drafts_are_accepted(setup):
 
 def test_acceptance_agrees_with_the_reference_decoder(setup):
     """vLLM's counters against the reference decoder on the same prompts, greedy."""
-    from speculators_core import SpeculatorModel
+    from speculators_core import load_speculator
     from speculators_core.evaluate.reference import DecodeStats, ReferenceDecoder
 
-    draft = SpeculatorModel.from_pretrained(setup["draft"], verifier=setup["verifier"]).eval()
+    draft = load_speculator(setup["draft"], verifier=setup["verifier"]).eval()
     decoder = ReferenceDecoder(setup["model"], draft, k=K)  # no EOS: vLLM ran with ignore_eos
     total = DecodeStats(k=K)
     outputs = []

@@ -12,14 +12,15 @@ from click.testing import CliRunner
 
 from speculators_core.cli.train import parse_algo_options, train_command
 from speculators_core.errors import SpeculatorsError, UnknownAlgorithmError
+from speculators_core.plugins.host import PluginHost
 from speculators_core.train import TrainingArguments, TrainingConfigError
 from speculators_core.train.launch import resolve_run_config
 
 QUIET = ["--no-progress", "--no-console-log"]
 
 
-def _invoke(args: list[str]):
-    return CliRunner().invoke(train_command, [str(a) for a in args])
+def _invoke(args: list, host: PluginHost | None = None):
+    return CliRunner().invoke(train_command, [str(a) for a in args], obj=host)
 
 
 def _base(verifier: Path, data: Path, output: Path) -> list:
@@ -66,7 +67,8 @@ def test_dry_run_prints_resolved_config_and_parameter_counts(
     """--dry-run prints JSON (config, parameters, plan), trains nothing and writes nothing."""
     out = tmp_path / "run"
     result = _invoke(
-        [*_base(small_verifier, store, out), "--dry-run", "--seq-len", "128", "--algo-opt", "k=4"]
+        [*_base(small_verifier, store, out), "--dry-run", "--seq-len", "128", "--algo-opt", "k=4"],
+        host=fixture_host,
     )
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
@@ -96,7 +98,10 @@ def test_config_file_with_command_line_overrides(fixture_host, small_verifier, s
         "seq-len: 64\nlearning_rate: 0.002\nsave_total_limit: null\n"
         "algo_options:\n  k: 2\n  extra: hello\n"
     )
-    result = _invoke(["--config", config, "--seq-len", "128", "--algo-opt", "k=5", "--dry-run"])
+    result = _invoke(
+        ["--config", config, "--seq-len", "128", "--algo-opt", "k=5", "--dry-run"],
+        host=fixture_host,
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
     assert report["training"]["seq_len"] == 128
@@ -141,7 +146,7 @@ def test_missing_store(fixture_host, small_verifier, tmp_path):
     from speculators_core.data.errors import StoreError
 
     out = tmp_path / "run"
-    result = _invoke(_base(small_verifier, tmp_path / "no-store", out))
+    result = _invoke(_base(small_verifier, tmp_path / "no-store", out), host=fixture_host)
     _bad(result, StoreError, "no-store' does not exist")
     assert not out.exists()
 
@@ -151,7 +156,7 @@ def test_store_from_another_verifier(fixture_host, other_small_verifier, store, 
     from speculators_core.data.errors import VerifierMismatchError
 
     out = tmp_path / "run"
-    result = _invoke(_base(other_small_verifier, store, out))
+    result = _invoke(_base(other_small_verifier, store, out), host=fixture_host)
     _bad(result, VerifierMismatchError, "fingerprint")
     assert not out.exists()
 
@@ -161,10 +166,12 @@ def test_existing_output_folder(fixture_host, small_verifier, store, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    result = _invoke(_base(small_verifier, store, out))
+    result = _invoke(_base(small_verifier, store, out), host=fixture_host)
     _bad(result, TrainingConfigError, "--overwrite")
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
-    both = _invoke([*_base(small_verifier, store, out), "--overwrite", "--resume"])
+    both = _invoke(
+        [*_base(small_verifier, store, out), "--overwrite", "--resume"], host=fixture_host
+    )
     _bad(both, TrainingConfigError, "contradict")
 
 
@@ -180,7 +187,8 @@ def test_unknown_algorithm_lists_the_installed_ones(fixture_host, small_verifier
             store,
             "--output",
             tmp_path / "run",
-        ]
+        ],
+        host=fixture_host,
     )
     _bad(result, UnknownAlgorithmError, "installed: fixture-mlp")
     assert not (tmp_path / "run").exists()
@@ -201,7 +209,7 @@ def test_train_resume_and_overwrite_end_to_end(fixture_host, small_verifier, sto
         "k=5",
         *QUIET,
     ]
-    result = _invoke(args)
+    result = _invoke(args, host=fixture_host)
     assert result.exit_code == 0, result.output
     assert "trained 4 steps" in result.output
     config = json.loads((out / "final" / "config.json").read_text())
@@ -221,7 +229,8 @@ def test_train_resume_and_overwrite_end_to_end(fixture_host, small_verifier, sto
             "k=5",
             "--resume",
             *QUIET,
-        ]
+        ],
+        host=fixture_host,
     )
     assert more.exit_code == 0, more.output
     assert "trained 6 steps" in more.output
@@ -229,7 +238,7 @@ def test_train_resume_and_overwrite_end_to_end(fixture_host, small_verifier, sto
     assert [s for s in steps if s <= 4] == sorted(s for s in steps if s <= 4)  # no duplicates
     assert max(steps) == 6
 
-    again = _invoke([*args, "--overwrite"])
+    again = _invoke([*args, "--overwrite"], host=fixture_host)
     assert again.exit_code == 0, again.output
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert max(steps) == 4
@@ -241,10 +250,14 @@ def test_resume_with_other_data_is_refused(
     """--resume checks that the run's algorithm, verifier and data did not change."""
     out = tmp_path / "run"
     ok = _invoke(
-        [*_base(small_verifier, store, out), "--seq-len", "256", "--max-steps", "1", *QUIET]
+        [*_base(small_verifier, store, out), "--seq-len", "256", "--max-steps", "1", *QUIET],
+        host=fixture_host,
     )
     assert ok.exit_code == 0, ok.output
-    other = _invoke([*_base(small_verifier, prepared_data, out), "--online", "--resume", *QUIET])
+    other = _invoke(
+        [*_base(small_verifier, prepared_data, out), "--online", "--resume", *QUIET],
+        host=fixture_host,
+    )
     _bad(other, SpeculatorsError, "was trained with data=")
 
 
@@ -280,7 +293,8 @@ def test_online_mode_matches_the_store(
             "--max-steps",
             "2",
             *QUIET,
-        ]
+        ],
+        host=fixture_host,
     )
     assert result.exit_code == 0, result.output
     assert (out / "final" / "model.safetensors").is_file()

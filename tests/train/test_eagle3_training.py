@@ -12,7 +12,7 @@ from click.testing import CliRunner
 pytest.importorskip("speculators_eagle3")
 
 from speculators_core.cli.train import train_command
-from speculators_core.model import SpeculatorModel
+from speculators_core.loading import load_speculator
 from speculators_core.plugins import PluginHost, PluginSettings
 
 
@@ -55,11 +55,8 @@ def prepared_data_8(tmp_path_factory) -> tuple[Path, Path]:
     return verifier, root / "prepared"
 
 
-def test_speculators_train_eagle3_on_a_store(eagle3_host, eagle3_store, tmp_path, monkeypatch):
+def test_speculators_train_eagle3_on_a_store(eagle3_host, eagle3_store, tmp_path):
     """The CLI trains an EAGLE-3 draft (pruned vocab from the store) and writes a loadable folder."""
-    from speculators_core.plugins import host as host_module
-
-    monkeypatch.setattr(host_module, "get_host", lambda: eagle3_host)
     verifier, store = eagle3_store
     out = tmp_path / "run"
     args = [
@@ -68,7 +65,7 @@ def test_speculators_train_eagle3_on_a_store(eagle3_host, eagle3_store, tmp_path
         "--seq-len", "256", "--max-steps", "4", "--log-every", "1", "--learning-rate", "1e-3",
         "--no-progress", "--no-console-log",
     ]  # fmt: skip
-    result = CliRunner().invoke(train_command, [str(a) for a in args])
+    result = CliRunner().invoke(train_command, [str(a) for a in args], obj=eagle3_host)
     assert result.exception is None, repr(result.exception)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if "loss" in r]
@@ -80,6 +77,6 @@ def test_speculators_train_eagle3_on_a_store(eagle3_host, eagle3_store, tmp_path
     config = json.loads((out / "final" / "config.json").read_text())
     assert config["speculators_model_type"] == "eagle3" and "model_type" not in config
     assert config["draft_vocab_size"] == 64
-    model = SpeculatorModel.from_pretrained(out / "final", host=eagle3_host, verifier=verifier)
+    model = load_speculator(out / "final", host=eagle3_host, verifier=verifier)
     assert model.config.draft_vocab_size == 64
     assert torch.isfinite(torch.tensor([r["loss"] for r in train])).all()

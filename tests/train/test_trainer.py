@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 from train_samples import random_samples, verifier_samples
 
-from speculators_core.model import SpeculatorModel
+from speculators_core.loading import load_speculator
 from speculators_core.train import (
     DataError,
     FeatureShape,
@@ -109,7 +109,7 @@ def test_final_folder_is_a_loadable_speculator_with_the_trained_weights(
     args = TrainingArguments(output_dir=str(tmp_path / "run"), seq_len=32, num_epochs=2, **QUIET)
     result = Trainer(model, args, InMemorySource(samples), host=host).train()
     assert result.final_dir == tmp_path / "run" / "final"
-    loaded = SpeculatorModel.from_pretrained(result.final_dir, host=host)
+    loaded = load_speculator(result.final_dir, host=host)
     assert type(loaded) is type(model)
     for (name, a), (_, b) in zip(
         model.state_dict().items(), loaded.state_dict().items(), strict=True

@@ -376,13 +376,13 @@ def validate_converted(
     from speculators_eagle3.verifier import load_verifier_parts
     from transformers.utils import logging as hf_logging
 
-    from speculators_core import SpeculatorModel
+    from speculators_core import load_speculator
     from speculators_core.check import check_checkpoint
 
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # validation is one step of the command: stay quiet
     try:
-        model = SpeculatorModel.from_pretrained(folder, verifier=verifier, dtype=torch.float32)
+        model = load_speculator(folder, verifier=verifier, dtype=torch.float32)
     except Exception as err:
         raise ConversionError(
             f"validation failed: the converted folder does not reload through "

@@ -17,7 +17,7 @@ from _support import run_cli
 from converter_helpers import make_safeailab_eagle, make_safeailab_eagle3
 from safetensors.torch import load_file, save_file
 
-from speculators_core import Converter, SpeculatorsError
+from speculators_core import Converter, SpeculatorsError, load_speculator
 from speculators_core.cli.convert import detect_format, parse_option
 
 
@@ -261,7 +261,6 @@ def test_research_hass_converts_exactly(tmp_path: Path, tiny_verifier: Path) -> 
     """The research HASS layout converts, validates, and reproduces its own forward exactly."""
     from speculators_hass import EagleDraftModel
 
-    from speculators_core import SpeculatorModel
     from speculators_core.modeling import KVCache
 
     src, out = tmp_path / "src", tmp_path / "out"
@@ -282,7 +281,7 @@ def test_research_hass_converts_exactly(tmp_path: Path, tiny_verifier: Path) -> 
         assert torch.equal(written[name], source[source_name]), name
     assert "transformer.input_layernorm.weight" not in written
 
-    model = SpeculatorModel.from_pretrained(out, verifier=tiny_verifier).eval()
+    model = load_speculator(out, verifier=tiny_verifier).eval()
     assert isinstance(model, EagleDraftModel)
     gen = torch.Generator().manual_seed(8)
     tokens = torch.randint(0, model.config.verifier_vocab_size, (9,), generator=gen)

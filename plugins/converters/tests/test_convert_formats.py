@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from speculators_eagle3 import Eagle3DraftModel
 from speculators_hass import EagleDraftModel
 
-from speculators_core import SpeculatorModel, get_host
+from speculators_core import get_host, load_speculator
 from speculators_core.cli.convert import detect_format
 
 
@@ -152,7 +152,7 @@ def test_layout_converts_reloads_and_validates(
     """Detected, converted with validation, reloaded as the target class; tensors copied exactly."""
     out, source = _convert(layout, tmp_path, tiny_verifier)
     _, _, _, target_class, rename = LAYOUTS[layout]
-    model = SpeculatorModel.from_pretrained(out, verifier=tiny_verifier)
+    model = load_speculator(out, verifier=tiny_verifier)
     assert type(model) is target_class
     written = load_file(str(out / "model.safetensors"))
     expected = {rename(n): t for n, t in source.items() if rename(n) is not None}

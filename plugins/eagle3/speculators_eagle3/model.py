@@ -135,7 +135,7 @@ class Eagle3DraftModel(HiddenStateDraftModel):
     """An EAGLE-3 draft (``speculators_model_type: "eagle3"``).
 
     Build one with :meth:`from_verifier`; load a saved one with
-    ``SpeculatorModel.from_pretrained(folder, verifier=verifier_folder)`` (the verifier is only
+    ``load_speculator(folder, verifier=verifier_folder)`` (the verifier is only
     needed to train: it re-attaches the frozen target parts that are not saved).
     """
 

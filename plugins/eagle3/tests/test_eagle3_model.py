@@ -18,11 +18,11 @@ from speculators_core import (
     ConfigError,
     GreedyTokenProposalConfig,
     HiddenStateSpec,
-    SpeculatorModel,
     SpeculatorsConfig,
     SpeculatorsError,
     build_vocab_mapping,
     load_config,
+    load_speculator,
 )
 from speculators_core.testing import make_tiny_verifier
 
@@ -288,7 +288,7 @@ def test_round_trip_through_the_plugin_host(
                 param.add_(0.05 * torch.randn_like(param))
     model.eval()
     model.save_pretrained(tmp_path / "draft")
-    loaded = SpeculatorModel.from_pretrained(tmp_path / "draft", verifier=tiny_verifier).eval()
+    loaded = load_speculator(tmp_path / "draft", verifier=tiny_verifier).eval()
     assert type(loaded) is Eagle3DraftModel
     assert type(load_config(tmp_path / "draft")) is Eagle3SpeculatorConfig
     original, again = model.state_dict(), loaded.state_dict()
@@ -313,7 +313,7 @@ def test_loading_without_verifier(tiny_verifier: Path, verifier_model: Any, tmp_
     """Without the verifier a draft drafts, but training asks for the verifier parts."""
     model = Eagle3DraftModel.from_verifier(tiny_verifier, aux_layer_ids=AUX_IDS)
     model.save_pretrained(tmp_path / "draft")
-    loaded = SpeculatorModel.from_pretrained(tmp_path / "draft")
+    loaded = load_speculator(tmp_path / "draft")
     batch = pack_rows(random_samples(verifier_model, [*AUX_IDS, 4], [6], seed=2), 6)
     with pytest.raises(SpeculatorsError, match=r"attach_verifier_parts\(verifier_folder\)"):
         loaded.training_step(batch)
@@ -333,7 +333,7 @@ def test_checkpoint_without_embedding_or_t2d(tiny_verifier: Path, tmp_path: Path
     tensors = load_file(str(file))
     del tensors["embed_tokens.weight"], tensors["t2d"]
     save_file(tensors, str(file), metadata={"format": "pt"})
-    loaded = SpeculatorModel.from_pretrained(tmp_path / "draft")
+    loaded = load_speculator(tmp_path / "draft")
     loaded.save_pretrained(tmp_path / "again")  # t2d is re-derived from d2t on save
     assert torch.equal(saved_tensors(tmp_path / "again")["t2d"], mapping(model)[1])
     loaded.attach_verifier_parts(tiny_verifier)

@@ -9,7 +9,7 @@ from eagle3_helpers import AUX_IDS
 from speculators_eagle3 import Eagle3DraftModel, Eagle3SpeculatorConfig
 from transformers import AutoConfig, AutoModel
 
-from speculators_core import PluginHost, PluginSettings, SpeculatorModel
+from speculators_core import PluginHost, PluginSettings, load_speculator
 
 
 def test_hook_returns_the_eagle3_record() -> None:
@@ -37,4 +37,4 @@ def test_transformers_auto_classes_load_a_saved_draft(tiny_verifier: Path, tmp_p
     )
     assert type(AutoConfig.from_pretrained(tmp_path / "draft")) is Eagle3SpeculatorConfig
     assert type(AutoModel.from_pretrained(tmp_path / "draft")) is Eagle3DraftModel
-    assert type(SpeculatorModel.from_pretrained(tmp_path / "draft")) is Eagle3DraftModel
+    assert type(load_speculator(tmp_path / "draft")) is Eagle3DraftModel

@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from speculators_eagle3 import Eagle3DraftModel
 from speculators_eagle3.alignment import align_batch
 
-from speculators_core import SpeculatorModel
+from speculators_core import load_speculator
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[2]
@@ -54,7 +54,7 @@ def test_upstream_checkpoint_gives_upstream_logits_and_losses(case: str, tmp_pat
     folder = FIXTURES / case
     meta = json.loads((folder / "meta.json").read_text())
     io = load_file(str(folder / "io.safetensors"))
-    model = SpeculatorModel.from_pretrained(folder / "draft", verifier=folder / "verifier").eval()
+    model = load_speculator(folder / "draft", verifier=folder / "verifier").eval()
     assert type(model) is Eagle3DraftModel
     options = meta["options"]
     for key in ("norm_before_residual", "norm_before_fc", "fc_norm", "norm_output"):

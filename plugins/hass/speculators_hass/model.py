@@ -86,7 +86,7 @@ class EagleDraftModel(HiddenStateDraftModel):
     """An EAGLE-1/2 draft (``speculators_model_type: "eagle"``) with HASS training.
 
     Build one with :meth:`from_verifier`; load a saved one with
-    ``SpeculatorModel.from_pretrained(folder, verifier=verifier_folder)`` (the verifier puts back
+    ``load_speculator(folder, verifier=verifier_folder)`` (the verifier puts back
     the shared embedding and LM head, which the format does not store).
     """
 

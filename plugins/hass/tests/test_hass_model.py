@@ -17,10 +17,10 @@ from speculators_core import (
     ConfigError,
     GreedyTokenProposalConfig,
     HiddenStateSpec,
-    SpeculatorModel,
     SpeculatorsConfig,
     SpeculatorsError,
     load_config,
+    load_speculator,
 )
 from speculators_core.modeling import KVCache
 
@@ -141,7 +141,7 @@ def test_feature_norm_before_fc_tensors_and_round_trip(tiny_verifier: Path, tmp_
     }
     data = json.loads((tmp_path / "draft" / "config.json").read_text())
     assert data["layernorms"] is True and data["feature_norm_before_fc"] is True
-    again = SpeculatorModel.from_pretrained(tmp_path / "draft", verifier=tiny_verifier)
+    again = load_speculator(tmp_path / "draft", verifier=tiny_verifier)
     assert isinstance(again, EagleDraftModel) and again.config.feature_norm_before_fc is True
     assert isinstance(again.transformer.input_layernorm, torch.nn.Identity)
     for name, tensor in model.state_dict().items():
@@ -262,7 +262,7 @@ def test_round_trip_keeps_weights_and_outputs(
     model = EagleDraftModel.from_verifier(tiny_verifier, fusion_bias=True).eval()
     perturb(model, seed=1)
     model.save_pretrained(tmp_path / "draft")
-    again = SpeculatorModel.from_pretrained(tmp_path / "draft", verifier=tiny_verifier).eval()
+    again = load_speculator(tmp_path / "draft", verifier=tiny_verifier).eval()
     assert type(again) is EagleDraftModel
     for name, tensor in model.state_dict().items():
         assert torch.equal(again.state_dict()[name], tensor), name
@@ -277,7 +277,7 @@ def test_loaded_without_verifier_refuses_to_train(
 ) -> None:
     """Without the verifier, the missing embedding/LM head are NaN and training says so."""
     EagleDraftModel.from_verifier(tiny_verifier).save_pretrained(tmp_path / "draft")
-    bare = SpeculatorModel.from_pretrained(tmp_path / "draft")
+    bare = load_speculator(tmp_path / "draft")
     assert torch.isnan(bare.lm_head.weight).all()
     batch = pack(random_samples(verifier_model, [6], seed=4), 6)
     with pytest.raises(SpeculatorsError, match="attach_verifier_parts"):
@@ -475,7 +475,7 @@ def test_reads_an_upstream_style_folder(tiny_verifier: Path, tmp_path: Path) -> 
     tensors = {name: torch.randn(shape, generator=generator) for name, shape in shapes.items()}
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
 
-    model = SpeculatorModel.from_pretrained(folder, verifier=tiny_verifier)
+    model = load_speculator(folder, verifier=tiny_verifier)
     assert type(model) is EagleDraftModel
     assert model.config.fusion_bias is True
     assert (

@@ -8,7 +8,7 @@ import speculators_hass.plugin as hass_plugin
 from speculators_hass import EagleDraftModel, EagleSpeculatorConfig
 from transformers import AutoConfig, AutoModel
 
-from speculators_core import HiddenStateSpec, PluginHost, PluginSettings, SpeculatorModel
+from speculators_core import HiddenStateSpec, PluginHost, PluginSettings, load_speculator
 from speculators_core.data import spec_for_algorithm
 
 
@@ -42,7 +42,7 @@ def test_transformers_auto_classes_load_a_saved_draft(tiny_verifier: Path, tmp_p
     EagleDraftModel.from_verifier(tiny_verifier).save_pretrained(tmp_path / "draft")
     assert type(AutoConfig.from_pretrained(tmp_path / "draft")) is EagleSpeculatorConfig
     assert type(AutoModel.from_pretrained(tmp_path / "draft")) is EagleDraftModel
-    assert type(SpeculatorModel.from_pretrained(tmp_path / "draft")) is EagleDraftModel
+    assert type(load_speculator(tmp_path / "draft")) is EagleDraftModel
 
 
 def test_export_command(tiny_verifier: Path, tmp_path: Path) -> None:

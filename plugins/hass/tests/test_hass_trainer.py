@@ -10,7 +10,7 @@ import torch
 from hass_helpers import random_samples
 from speculators_hass import EagleDraftModel, two_stage_commands, two_stage_schedule
 
-from speculators_core import SpeculatorModel
+from speculators_core import load_speculator
 from speculators_core.train import InMemorySource, Trainer, TrainingArguments
 
 QUIET: dict[str, Any] = {"progress": False, "console_log": False, "tensorboard": False}
@@ -44,13 +44,13 @@ def test_trainer_runs_both_stages(tiny_verifier: Path, verifier_model: Any, tmp_
     second = EagleDraftModel.from_verifier(
         tiny_verifier, topk_w=stage2.topk_w, init_from=result.final_dir
     )
-    trained = SpeculatorModel.from_pretrained(result.final_dir)
+    trained = load_speculator(result.final_dir)
     for name, tensor in trained.state_dict().items():
         if name not in ("embed_tokens.weight", "lm_head.weight"):
             assert torch.equal(second.state_dict()[name], tensor), name
     args2 = args.replace(output_dir=str(tmp_path / "stage2"), num_epochs=stage2.num_epochs)
     final = Trainer(second, args2, InMemorySource(samples)).train().final_dir
-    loaded = SpeculatorModel.from_pretrained(final, verifier=tiny_verifier)
+    loaded = load_speculator(final, verifier=tiny_verifier)
     assert type(loaded) is EagleDraftModel
     assert not torch.equal(loaded.fusion_fc.weight, trained.fusion_fc.weight)
 

@@ -131,10 +131,10 @@ def test_reference_decoder_agrees_with_vllm(run: dict[str, Any]) -> None:
     two implementations disagree on a near-tied argmax, or in how a sequence's last round
     (cut by the token budget or EOS) is counted.
     """
-    from speculators_core import SpeculatorModel
+    from speculators_core import load_speculator
     from speculators_core.evaluate.reference import DecodeStats, ReferenceDecoder
 
-    draft = SpeculatorModel.from_pretrained(run["folder"], verifier=run["verifier"]).eval()
+    draft = load_speculator(run["folder"], verifier=run["verifier"]).eval()
     decoder = ReferenceDecoder(
         run["model"], draft, k=K, eos_token_ids=[run["tokenizer"].eos_token_id]
     )
