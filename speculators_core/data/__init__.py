@@ -4,7 +4,7 @@ hidden-state capture (offline shard store or online), and the draft vocabulary.
 The flow (each step is also a ``speculators data ...`` command)::
 
     chat data --prepare--> prepared data (input_ids + loss_mask)      data prepare / regenerate
-        --verifier forward--> hidden-state store (or OnlineHiddenStates)   data hidden-states
+        --verifier forward--> hidden-state store (or train --online)      data hidden-states
         --supervised token counts--> token_freq.json, d2t/t2d               data vocab
 
 A sample is ``{"input_ids": LongTensor[L], "loss_mask": LongTensor[L],
@@ -34,7 +34,6 @@ from speculators_core.data.fingerprint import (
     tokenizer_fingerprint,
     verifier_fingerprint,
 )
-from speculators_core.data.online import OnlineHiddenStates
 from speculators_core.data.prepared import PreparedDataset, PreparedManifest, prepare_data
 from speculators_core.data.regenerate import GenerationSettings, regenerate_data
 from speculators_core.data.specs import eagle3_default_layer_ids, spec_for_algorithm
@@ -61,7 +60,6 @@ __all__ = [
     "DatasetFormatError",
     "GenerationSettings",
     "HiddenStateCapture",
-    "OnlineHiddenStates",
     "PreparedDataset",
     "PreparedManifest",
     "RenderedSample",
