@@ -58,7 +58,7 @@ class VerifierInfo:
     @classmethod
     def load(cls, folder: str | os.PathLike[str]) -> VerifierInfo:
         """Read the verifier folder's config (no weights)."""
-        from speculators_eagle3.verifier import load_verifier_config
+        from speculators_core.modeling import load_verifier_config
 
         config = load_verifier_config(folder)
         max_pos = getattr(config, "max_position_embeddings", None)

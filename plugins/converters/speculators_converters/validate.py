@@ -290,7 +290,7 @@ def eagle3_reference(
 
 def converted_logits(model: Any, input_ids: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
     """One draft step of a converted ``eagle``/``eagle3`` model: logits ``[B, T, V]`` (float64)."""
-    from speculators_eagle3.attention import KVCache
+    from speculators_core.modeling import KVCache
 
     batch, length = input_ids.shape
     positions = torch.arange(length).expand(batch, length)
@@ -373,11 +373,11 @@ def validate_converted(
     finding codes that are expected for this output (an ``eagle`` folder is never served by
     vLLM directly, for one).
     """
-    from speculators_eagle3.verifier import load_verifier_parts
     from transformers.utils import logging as hf_logging
 
     from speculators_core import load_speculator
     from speculators_core.check import check_checkpoint
+    from speculators_core.modeling import load_verifier_parts
 
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # validation is one step of the command: stay quiet

@@ -128,7 +128,7 @@ def _layer(
 
 def verifier_embedding(verifier: Path) -> torch.Tensor:
     """The verifier's ``embed_tokens`` (what EAGLE checkpoints store a copy of)."""
-    from speculators_eagle3.verifier import load_verifier_parts
+    from speculators_core.modeling import load_verifier_parts
 
     return load_verifier_parts(verifier).embed_tokens.clone()
 

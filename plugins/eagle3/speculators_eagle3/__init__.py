@@ -5,7 +5,7 @@ Build a draft with :meth:`Eagle3DraftModel.from_verifier`, train it through
 save it with ``save_pretrained`` in the speculators ``eagle3`` format that vLLM serves.
 """
 
-from speculators_eagle3.attention import select_attention_implementation, ttt_attention_mask
+from speculators_eagle3.attention import ttt_attention_mask
 from speculators_eagle3.config import Eagle3SpeculatorConfig
 from speculators_eagle3.drafting import Eagle3DraftSession
 from speculators_eagle3.model import Eagle3DraftModel, default_aux_layer_ids
@@ -15,6 +15,5 @@ __all__ = [
     "Eagle3DraftSession",
     "Eagle3SpeculatorConfig",
     "default_aux_layer_ids",
-    "select_attention_implementation",
     "ttt_attention_mask",
 ]

@@ -23,8 +23,7 @@ import torch
 
 from speculators_core.modeling.alignment import has_next_in_document, shift_left
 
-# shift_left lives in the core (speculators_core.modeling); re-exported for its importers.
-__all__ = ["AlignedBatch", "align_batch", "shift_left"]
+__all__ = ["AlignedBatch", "align_batch"]
 
 
 @dataclass

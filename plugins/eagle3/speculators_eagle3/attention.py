@@ -28,25 +28,11 @@ from typing import Any
 import torch
 
 from speculators_core import SpeculatorsError
-from speculators_core.modeling.attention import (
-    ATTENTION_IMPLEMENTATIONS,
-    KVCache,
-    StructuredMask,
-    attend,
-    flex_attention_available,
-    select_attention_implementation,
-)
+from speculators_core.modeling.attention import StructuredMask, attend
 
-# KVCache, attend and the kernel selection live in the core (speculators_core.modeling); they
-# are re-exported here for code that imports them from this module.
 __all__ = [
-    "ATTENTION_IMPLEMENTATIONS",
     "BlockZeroSpans",
-    "KVCache",
     "TTTMask",
-    "attend",
-    "flex_attention_available",
-    "select_attention_implementation",
     "ttt_attention_mask",
     "ttt_block_mask",
     "ttt_mask_mod",

@@ -6,16 +6,10 @@ import warnings
 
 import pytest
 import torch
-from speculators_eagle3.attention import (
-    KVCache,
-    attend,
-    select_attention_implementation,
-    ttt_attention_mask,
-    ttt_block_mask,
-    ttt_mask_mod,
-)
+from speculators_eagle3.attention import ttt_attention_mask, ttt_block_mask, ttt_mask_mod
 
 from speculators_core import SpeculatorsError
+from speculators_core.modeling import KVCache, attend, select_attention_implementation
 
 DOCS = torch.tensor(
     [

@@ -6,8 +6,10 @@ import math
 
 import pytest
 import torch
-from speculators_eagle3.alignment import align_batch, shift_left
+from speculators_eagle3.alignment import align_batch
 from speculators_eagle3.loss import ttt_loss
+
+from speculators_core.modeling import shift_left
 
 
 def unshifted_batch() -> dict[str, torch.Tensor]:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from speculators_eagle3.attention import TTTMask, attend, ttt_attention_mask
+from speculators_eagle3.attention import TTTMask, ttt_attention_mask
 from speculators_eagle3.split_attention import split_attention, split_attention_applies
+
+from speculators_core.modeling import attend
 
 # Row 0: documents of 3, 1 (alone) and 4 positions, -1 gaps and padding; row 1: one document.
 DOCS = torch.tensor(

@@ -10,7 +10,8 @@ import pytest
 import torch
 from eagle3_helpers import AUX_IDS, pack_rows, random_samples
 from speculators_eagle3 import Eagle3DraftModel
-from speculators_eagle3.attention import KVCache
+
+from speculators_core.modeling import KVCache
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "llama-draft-vocab": {"draft_vocab_size": 100, "norm_before_residual": True},
