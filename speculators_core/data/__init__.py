@@ -36,7 +36,7 @@ from speculators_core.data.fingerprint import (
 )
 from speculators_core.data.prepared import PreparedDataset, PreparedManifest, prepare_data
 from speculators_core.data.regenerate import GenerationSettings, regenerate_data
-from speculators_core.data.specs import eagle3_default_layer_ids, spec_for_algorithm
+from speculators_core.data.specs import spec_for_algorithm
 from speculators_core.data.store import (
     ShardStore,
     ShardStoreWriter,
@@ -75,7 +75,6 @@ __all__ = [
     "capture_to_store",
     "check_verifier_matches",
     "count_token_frequencies",
-    "eagle3_default_layer_ids",
     "load_conversations",
     "load_token_counts",
     "load_vocab_mapping",

@@ -11,16 +11,11 @@ from speculators_core.features import HiddenStateSpec
 if TYPE_CHECKING:
     from speculators_core.plugins.host import PluginHost
 
-__all__ = ["SPEC_CLASSMETHOD", "eagle3_default_layer_ids", "parse_layer_ids", "spec_for_algorithm"]
+__all__ = ["SPEC_CLASSMETHOD", "parse_layer_ids", "spec_for_algorithm"]
 
 #: The optional classmethod an algorithm's model class may define to give its spec cheaply:
 #: ``hidden_state_spec_for_verifier(verifier_folder) -> HiddenStateSpec``.
 SPEC_CLASSMETHOD = "hidden_state_spec_for_verifier"
-
-
-def eagle3_default_layer_ids(num_layers: int) -> tuple[int, ...]:
-    """vLLM's default EAGLE-3 aux ids ``(2, N//2, N-3)`` plus the final pre-norm id ``N``."""
-    return (2, num_layers // 2, num_layers - 3, num_layers)
 
 
 def parse_layer_ids(text: str) -> tuple[int, ...]:

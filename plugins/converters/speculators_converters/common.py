@@ -70,11 +70,6 @@ class VerifierInfo:
             max_position_embeddings=int(max_pos) if max_pos else None,
         )
 
-    def default_aux_layer_ids(self) -> list[int]:
-        """``[2, N // 2, N - 3]``: what vLLM (and SafeAILab's EAGLE-3 trainer) use by default."""
-        n = self.num_layers
-        return [2, n // 2, n - 3]
-
     def check(self, what: str, name: str, value: Any, expected: int, *, where: str) -> None:
         """Raise when the source's ``name`` (``value``) differs from the verifier's ``expected``."""
         if value is not None and int(value) != expected:

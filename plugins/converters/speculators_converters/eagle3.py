@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from speculators_eagle3 import Eagle3DraftModel, Eagle3SpeculatorConfig
+from speculators_eagle3 import Eagle3DraftModel, Eagle3SpeculatorConfig, default_aux_layer_ids
 
 from speculators_converters.common import (
     VerifierInfo,
@@ -81,7 +81,7 @@ def detect_speculators_eagle3(folder: Path, config: dict[str, Any]) -> bool:
 
 def _aux_ids(value: Any, info: VerifierInfo, where: str) -> list[int]:
     if value is None:
-        return info.default_aux_layer_ids()
+        return default_aux_layer_ids(info.num_layers)
     if not isinstance(value, list) or not all(isinstance(v, int) for v in value):
         raise ConversionError(
             f"{where}: eagle_aux_hidden_state_layer_ids must be a list of integers, got {value!r}"

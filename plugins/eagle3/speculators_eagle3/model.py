@@ -68,7 +68,10 @@ logger = logging.getLogger(__name__)
 
 
 def default_aux_layer_ids(num_verifier_layers: int) -> list[int]:
-    """The aux layer ids vLLM and upstream use by default: ``[2, N // 2, N - 3]``."""
+    """The aux layer ids vLLM and upstream use by default: ``[2, N // 2, N - 3]``.
+
+    The one copy of this rule: the converters plugin and the spec of a fresh draft call it.
+    """
     n = num_verifier_layers
     return [2, n // 2, n - 3]
 
