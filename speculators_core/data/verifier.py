@@ -40,12 +40,23 @@ def verifier_folder(path: str | os.PathLike[str]) -> Path:
 
 
 def read_verifier_config(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The verifier's ``config.json`` as a dict (``text_config`` merged in for multimodal models)."""
+    """The verifier's ``config.json`` as a dict (``text_config`` merged in for multimodal models).
+
+    The one reader of a verifier folder's config (the typed
+    :func:`speculators_core.modeling.verifier.load_verifier_config` checks through it): a
+    one-line :class:`VerifierError` for a missing folder or ``config.json``, invalid JSON, or a
+    file that is not a JSON object.
+    """
     folder = verifier_folder(path)
+    file = folder / "config.json"
     try:
-        data = json.loads((folder / "config.json").read_text())
+        data = json.loads(file.read_text())
     except json.JSONDecodeError as err:
-        raise VerifierError(f"'{folder / 'config.json'}' is not valid JSON: {err.msg}") from None
+        raise VerifierError(f"'{file}' is not valid JSON: {err.msg}") from None
+    if not isinstance(data, dict):
+        raise VerifierError(
+            f"'{file}' holds a JSON {type(data).__name__}, not an object; pass a model folder"
+        )
     if isinstance(data.get("text_config"), dict):
         data = {**data, **data["text_config"]}
     return data

@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import importlib.util
-import json
 import os
 import shutil
 import sys
@@ -40,6 +39,7 @@ import torch
 
 from speculators_core.assets import MissingPackageError
 from speculators_core.data.errors import VerifierError
+from speculators_core.data.verifier import read_verifier_config
 from speculators_core.features import HiddenStateSpec
 
 __all__ = [
@@ -119,7 +119,7 @@ class _FinalRmsNorm:
     def __init__(self, verifier: Path) -> None:
         from safetensors import safe_open
 
-        config = json.loads((verifier / "config.json").read_text())
+        config = read_verifier_config(verifier)
         eps = config.get("rms_norm_eps")
         if config.get("model_type") not in ("llama", "mistral", "qwen2", "qwen3") or eps is None:
             raise VerifierError(
@@ -197,7 +197,7 @@ class VllmHiddenStates:
 
         self.timeout_s = timeout_s
         folder = Path(verifier)
-        config = json.loads((folder / "config.json").read_text())
+        config = read_verifier_config(folder)
         self.spec = spec
         self.num_layers = int(config["num_hidden_layers"])
         self.hidden_size = int(config["hidden_size"])

@@ -23,12 +23,18 @@ __all__ = ["VerifierParts", "load_verifier_config", "load_verifier_parts"]
 
 
 def load_verifier_config(folder: str | os.PathLike[str]) -> PreTrainedConfig:
-    """The verifier's text-model config (``text_config`` of a multimodal model)."""
-    path = Path(folder)
-    if not (path / "config.json").is_file():
-        raise SpeculatorsError(
-            f"verifier '{path}' has no config.json; pass the folder of a transformers model"
-        )
+    """The verifier's text-model config (``text_config`` of a multimodal model).
+
+    ``folder`` is checked and read by :func:`speculators_core.data.verifier.read_verifier_config`
+    (the one reader of a verifier's ``config.json``; one-line errors for a missing folder or file
+    and for invalid JSON); transformers then builds the typed config from the same folder, since
+    only it knows each architecture's config class and nested sub-configs.
+    """
+    # Function-level import: importing the modeling package must not load the data package.
+    from speculators_core.data.verifier import read_verifier_config, verifier_folder
+
+    path = verifier_folder(folder)
+    read_verifier_config(path)
     config = AutoConfig.from_pretrained(path)
     text_config = config.get_text_config()
     for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
