@@ -89,7 +89,8 @@ class TrainingArguments:
     hidden_state_noise: float = field(
         default=0.0,
         metadata=_help(
-            "Uniform noise U(-x, x) added to verifier hidden states of training batches (0 = off)."
+            "Removed (only 0 is accepted, so older run configs still load): hidden-state noise "
+            "is the algorithm's own option, --algo-opt noise_std=X (eagle3's default: 0.05)."
         ),
     )
     # ---------------------------------------------------------------- optimisation
@@ -232,9 +233,14 @@ class TrainingArguments:
             raise TrainingConfigError(
                 f"training argument learning_rate={self.learning_rate!r} must be > 0"
             )
-        if self.hidden_state_noise < 0:
+        if self.hidden_state_noise != 0:
+            # The algorithm adds noise in its training_step (eagle3 by default); a second,
+            # trainer-level noise would stack on top of it, so the old knob is refused.
             raise TrainingConfigError(
-                f"training argument hidden_state_noise={self.hidden_state_noise!r} must be >= 0"
+                f"training argument hidden_state_noise={self.hidden_state_noise!r} is no longer "
+                "supported: hidden-state noise is the algorithm's own option, --algo-opt "
+                "noise_std=X (eagle3: uniform U(-X, X) on the verifier states, default 0.05); "
+                "pass 0 or drop it"
             )
         if self.max_grad_norm is not None and self.max_grad_norm <= 0:
             raise TrainingConfigError(

@@ -201,18 +201,12 @@ class Trainer:
         return torch.autocast(device_type=self.ctx.device.type, dtype=torch.bfloat16)
 
     def _batch(
-        self, rows: Sequence[Sequence[Piece]], source: SampleSource, *, noise: bool
+        self, rows: Sequence[Sequence[Piece]], source: SampleSource
     ) -> dict[str, torch.Tensor]:
+        # Hidden-state noise is the algorithm's (its training_step, in training mode only): the
+        # batch holds the states exactly as stored.
         batch = collate_rows(rows, source, self.args.seq_len, self.feature)
-        batch = {k: v.to(self.ctx.device, non_blocking=True) for k, v in batch.items()}
-        if noise and self.args.hidden_state_noise > 0:
-            states = batch["hidden_states"]
-            noise_t = (
-                torch.rand(states.shape, device=states.device) * 2 - 1
-            ) * self.args.hidden_state_noise
-            keep = (batch["document_ids"] >= 0)[..., None, None]
-            batch["hidden_states"] = (states.float() + noise_t * keep).to(states.dtype)
-        return batch
+        return {k: v.to(self.ctx.device, non_blocking=True) for k, v in batch.items()}
 
     def _check_resume_args(self, saved: dict[str, Any], path: Path) -> None:
         current = self.args.to_dict()
@@ -325,7 +319,7 @@ class Trainer:
                 step_sums = WeightedSums()
                 micro_batches = plan.step_micro_batches(epoch, state.step_in_epoch, ctx.rank)
                 for i, rows in enumerate(micro_batches):
-                    batch = self._batch(rows, self.train_data, noise=True)
+                    batch = self._batch(rows, self.train_data)
                     if self.use_fsdp:
                         model.set_requires_gradient_sync(i == len(micro_batches) - 1)  # type: ignore[operator]
                     with self._autocast():
@@ -421,7 +415,7 @@ class Trainer:
         model.eval()
         sums = WeightedSums()
         for rows in micro_batches:
-            batch = self._batch(rows, self.val_data, noise=False)
+            batch = self._batch(rows, self.val_data)
             with self._autocast():
                 sums.add_output(model.training_step(batch))
         model.train()

@@ -122,6 +122,14 @@ def test_config_errors_are_one_line():
         parse_algo_options(("ttt_steps",))
 
 
+def test_trainer_hidden_state_noise_is_refused_with_its_replacement():
+    """A nonzero hidden_state_noise names the algorithm option that replaced it; 0 still loads."""
+    with pytest.raises(TrainingConfigError, match=r"--algo-opt noise_std=X") as err:
+        TrainingArguments(output_dir="out", hidden_state_noise=0.05)
+    assert "\n" not in str(err.value)
+    assert TrainingArguments.from_dict({"output_dir": "out", "hidden_state_noise": 0.0})
+
+
 def test_algo_options_are_json_or_strings():
     """Values parse as JSON when they can, else stay strings."""
     assert parse_algo_options(("a=3", "b=[2, 4]", "c=true", "d=qwen3", "e-f=null")) == {

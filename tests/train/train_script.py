@@ -74,7 +74,9 @@ def main() -> None:
 
     host = PluginHost(entry_points=False, plugins=[("speculators.algorithms:fixture-mlp", plugin)])
     torch.manual_seed(1234)
-    model = host.algorithm("fixture-mlp").model_class.from_verifier(opts.verifier)
+    model = host.algorithm("fixture-mlp").model_class.from_verifier(
+        opts.verifier, noise_std=opts.noise
+    )
     hidden = model.config.hidden_size
     samples = random_samples(opts.samples, hidden=hidden, vocab=model.config.vocab_size, seed=7)
     args = TrainingArguments(
@@ -88,7 +90,6 @@ def main() -> None:
         save_every=opts.save_every,
         save_total_limit=None,
         val_fraction=0.1,
-        hidden_state_noise=opts.noise,
         progress=False,
         console_log=False,
     )
