@@ -43,9 +43,7 @@ from speculators_core import (
     check_vocab_mapping,
 )
 from speculators_core.modeling import (
-    Attention,
     DecoderLayer,
-    GatedMLP,
     HiddenStateDraftModel,
     KVCache,
     RMSNorm,
@@ -77,12 +75,8 @@ def default_aux_layer_ids(num_verifier_layers: int) -> list[int]:
 
 
 # ------------------------------------------------------------------------------------------------
-# Building blocks (the core's, speculators_core.modeling.layers; the old names stay importable)
+# Layers (built on the core's DecoderLayer and RMSNorm, speculators_core.modeling.layers)
 # ------------------------------------------------------------------------------------------------
-
-Eagle3RMSNorm = RMSNorm
-Eagle3MLP = GatedMLP
-Eagle3Attention = Attention
 
 
 class Eagle3FirstLayer(DecoderLayer):
