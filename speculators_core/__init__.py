@@ -30,6 +30,7 @@ from speculators_core.plugins import (
     PluginHost,
     PluginSettings,
     ProposalMethod,
+    TrainingOption,
     get_host,
     hookimpl,
 )
@@ -56,6 +57,7 @@ __all__ = [
     "SpeculatorsConfig",
     "SpeculatorsError",
     "TokenProposalConfig",
+    "TrainingOption",
     "TrainingStepOutput",
     "UnknownAlgorithmError",
     "VerifierConfig",
