@@ -36,6 +36,7 @@ from speculators_core.plugins import (
     PluginHost,
     PluginSettings,
     ProposalMethod,
+    TrainingOption,
     get_host,
     hookimpl,
 )
@@ -62,6 +63,7 @@ __all__ = [
     "SpeculatorsConfig",
     "SpeculatorsError",
     "TokenProposalConfig",
+    "TrainingOption",
     "TrainingStepOutput",
     "UnknownAlgorithmError",
     "VerifierConfig",

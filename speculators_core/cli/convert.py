@@ -17,6 +17,7 @@ import click
 
 from speculators_core.cli.plugin_host import command_host
 from speculators_core.errors import PluginError, SpeculatorsError
+from speculators_core.options import json_or_text, parse_key_value
 
 __all__ = ["convert_command", "detect_format", "parse_option", "select_converter"]
 
@@ -96,17 +97,8 @@ def select_converter(source: Path, from_format: str | None, host: Any = None) ->
 
 def parse_option(text: str) -> tuple[str, Any]:
     """``KEY=VALUE`` from ``--set``; the value is JSON when it parses, else a plain string."""
-    key, sep, raw = text.partition("=")
-    key = key.strip().replace("-", "_")
-    if not sep or not key:
-        raise SpeculatorsError(
-            f"--set '{text}' is not KEY=VALUE; write e.g. --set norm_before_residual=true"
-        )
-    try:
-        value: Any = json.loads(raw)
-    except json.JSONDecodeError:
-        value = raw
-    return key, value
+    key, raw = parse_key_value(text, flag="--set", example="norm_before_residual=true")
+    return key, json_or_text(raw)
 
 
 @click.command("convert")

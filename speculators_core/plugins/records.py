@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from speculators_core.options import TrainingOption
 
 if TYPE_CHECKING:
     from speculators_core.config import SpeculatorModelConfig, TokenProposalConfig
     from speculators_core.model import SpeculatorModel
 
-__all__ = ["Algorithm", "ConvertFunction", "Converter", "DetectFunction", "ProposalMethod"]
+__all__ = [
+    "Algorithm",
+    "ConvertFunction",
+    "Converter",
+    "DetectFunction",
+    "ProposalMethod",
+    "TrainingOption",
+]
 
 
 @dataclass(frozen=True)
@@ -22,6 +31,11 @@ class Algorithm:
     (``speculators train --algorithm NAME``). ``config_class`` must declare
     ``speculators_model_type`` with that same name; ``model_class`` is the
     :class:`~speculators_core.model.SpeculatorModel` subclass that implements it.
+
+    ``training_options`` lists the keyword options of ``model_class.from_verifier`` that users
+    may set (``speculators train --algo-opt NAME=VALUE``, ``algo_options`` of a config file, the
+    quickstart): the core refuses other names and converts each value to its declared type
+    before ``from_verifier`` sees it. Left empty, options are passed through unchecked.
     """
 
     name: str
@@ -30,6 +44,8 @@ class Algorithm:
     description: str = ""
     #: Filled in by the plugin host: "<distribution> <version>" of the plugin that registered it.
     provided_by: str = field(default="", compare=False)
+    #: The options ``from_verifier`` accepts, with their types, defaults and help.
+    training_options: Sequence[TrainingOption] = ()
 
 
 @dataclass(frozen=True)

@@ -357,7 +357,7 @@ def _run_config(
         data=str(store),
         output=str(run_dir),
         vocab=str(vocab),
-        algo_options={"ttt_steps": settings.ttt_steps, "speculative_tokens": settings.k},
+        algo_options=dict(settings.algo_options),
         training=training,
         resume=resume,
         overwrite=not resume,
@@ -459,7 +459,8 @@ def _train_stage(
     echo(
         f"[train] {settings.algorithm}: {max_steps} steps of {settings.train_seq_len}-token rows "
         f"(~{max_steps * step_s / 60:.1f} min at {step_s:.2f} s/step, {epochs:.1f} epochs), "
-        f"lr {settings.learning_rate:g} cosine, TTT {settings.ttt_steps}"
+        f"lr {settings.learning_rate:g} cosine; options "
+        + (", ".join(f"{k}={v}" for k, v in sorted(settings.algo_options.items())) or "none")
     )
     config = _run_config(
         settings,
@@ -565,7 +566,9 @@ def run_quickstart(
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     out = Path(output).absolute()
     host = get_host()
-    host.algorithm(settings.algorithm)  # an unknown algorithm fails here, listing the installed
+    # An unknown algorithm fails here, listing the installed ones; so do unknown or mistyped
+    # algorithm options, before anything is written.
+    settings = settings.with_algorithm(host.algorithm(settings.algorithm))
     try:
         verifier = resolve_verifier_path(settings.verifier)
     except FileNotFoundError as err:
