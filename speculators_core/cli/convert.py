@@ -162,6 +162,8 @@ def convert_command(
         raise SpeculatorsError(
             f"output folder '{output}' already exists; choose another path or pass --overwrite"
         )
+    from speculators_core.conversion import run_conversion
+
     verifier_path = resolve_verifier_path(verifier)
     if not (verifier_path / "config.json").is_file():
         raise SpeculatorsError(
@@ -169,14 +171,24 @@ def convert_command(
             "local folder or 'smollm2'"
         )
     options = dict(parse_option(s) for s in settings)
-    converter = select_converter(source, from_format, command_host())
-    converter.convert(
+    host = command_host()
+    converter = select_converter(source, from_format, host)
+    result = run_conversion(
+        converter,
         source,
         verifier=verifier_path,
         output=output,
-        validate=validate,
         dtype=dtype,
         overwrite=overwrite,
-        **options,
+        validate=validate,
+        options=options,
+        host=host,
     )
+    if result is not None:
+        click.echo(
+            f"validated: max |logit difference| {result.max_abs_diff:.3g} (tolerance "
+            f"{result.tolerance:.3g}), argmax agreement {result.argmax_agreement:.3f}; "
+            "speculators check: clean",
+            err=True,
+        )
     click.echo(f"{output}: converted from {converter.name} to '{converter.algorithm}'")

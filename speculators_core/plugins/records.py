@@ -60,8 +60,12 @@ class ProposalMethod:
 
 #: ``detect(source_folder, config_dict)`` returns True when the folder is in this converter's format.
 DetectFunction = Callable[[Path, dict[str, Any]], bool]
-#: ``convert(source, *, verifier, output, **options)`` writes a speculators-format folder at ``output``.
-ConvertFunction = Callable[..., None]
+#: ``convert(source, *, verifier, output, dtype, **options) -> ReferenceForward | None`` reads
+#: ``source`` and writes a speculators-format folder into ``output`` (an empty temporary folder
+#: the core renames into place); ``dtype`` is the floating-point ``torch.dtype`` to write (None:
+#: the source's own). It returns the source's own forward
+#: (:class:`~speculators_core.conversion.ReferenceForward`) for ``--validate``, or None.
+ConvertFunction = Callable[..., Any]
 
 
 @dataclass(frozen=True)
@@ -69,7 +73,10 @@ class Converter:
     """A converter from a third-party checkpoint layout into the speculators format.
 
     ``name`` is the value of ``speculators convert --from NAME``; ``algorithm`` is the
-    ``speculators_model_type`` the converted checkpoint has.
+    ``speculators_model_type`` the converted checkpoint has. A converter only reads and maps:
+    atomic output, ``--overwrite``, ``--dtype`` (checked on the result) and ``--validate``
+    (the converted draft's ``draft_logits`` against the returned reference forward, then
+    ``speculators check``) are done by the core, :func:`speculators_core.conversion.run_conversion`.
     """
 
     name: str
