@@ -23,6 +23,7 @@ from speculators_core.errors import (
     UnknownAlgorithmError,
 )
 from speculators_core.features import HiddenStateSpec
+from speculators_core.lint import Finding, LintContext
 from speculators_core.model import SpeculatorModel, TrainingStepOutput, install_auto_config_loader
 from speculators_core.plugins import (
     Algorithm,
@@ -30,6 +31,7 @@ from speculators_core.plugins import (
     PluginHost,
     PluginSettings,
     ProposalMethod,
+    VllmServing,
     get_host,
     hookimpl,
 )
@@ -45,8 +47,10 @@ __all__ = [
     "Converter",
     "DraftProposal",
     "DraftSession",
+    "Finding",
     "GreedyTokenProposalConfig",
     "HiddenStateSpec",
+    "LintContext",
     "PluginError",
     "PluginHost",
     "PluginSettings",
@@ -59,6 +63,7 @@ __all__ = [
     "TrainingStepOutput",
     "UnknownAlgorithmError",
     "VerifierConfig",
+    "VllmServing",
     "__version__",
     "build_vocab_mapping",
     "check_vocab_mapping",

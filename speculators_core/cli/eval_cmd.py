@@ -141,6 +141,7 @@ def eval_command(
     from speculators_core.evaluate.plots import plot_acceptance
     from speculators_core.evaluate.prompts import load_prompt_texts, render_prompts
     from speculators_core.fsutil import atomic_file
+    from speculators_core.plugins.host import get_host
 
     if not (draft / "config.json").is_file():
         raise SpeculatorsError(f"'{draft}' is not a speculator folder (no config.json)")
@@ -183,6 +184,7 @@ def eval_command(
                 max_new_tokens=max_new_tokens,
                 seed=seed,
                 baseline=baseline,
+                host=get_host(),
             )
         )
     _print_table(reports)

@@ -13,7 +13,7 @@ from speculators_core.plugins.host import (
     list_entry_points,
     reset_host,
 )
-from speculators_core.plugins.records import Algorithm, Converter, ProposalMethod
+from speculators_core.plugins.records import Algorithm, Converter, ProposalMethod, VllmServing
 
 __all__ = [
     "ALL_GROUPS",
@@ -26,6 +26,7 @@ __all__ = [
     "PluginHost",
     "PluginSettings",
     "ProposalMethod",
+    "VllmServing",
     "get_host",
     "hookimpl",
     "hookspec",

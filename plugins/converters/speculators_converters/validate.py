@@ -376,7 +376,7 @@ def validate_converted(
     from speculators_eagle3.verifier import load_verifier_parts
     from transformers.utils import logging as hf_logging
 
-    from speculators_core import SpeculatorModel
+    from speculators_core import SpeculatorModel, get_host
     from speculators_core.check import check_checkpoint
 
     bars = hf_logging.is_progress_bar_enabled()
@@ -399,7 +399,9 @@ def validate_converted(
     expected = reference(input_ids, features, parts)
     got = converted_logits(model, input_ids, features)
     result = _compare(expected, got)
-    report = check_checkpoint(folder, verifier=verifier)
+    # The converter API passes no plugin host (yet), so the check uses the process default:
+    # the host the 'speculators convert' command itself runs with.
+    report = check_checkpoint(folder, host=get_host(), verifier=verifier)
     problems = [f for f in report.findings if f.code not in ignore_check_codes]
     if problems:
         raise ConversionError(f"validation failed: speculators check: {problems[0]}")
