@@ -148,6 +148,10 @@ def eval_command(
     if k < 1 or max_new_tokens < 1:
         raise SpeculatorsError("-k and --max-new-tokens must be at least 1")
     verifier_dir = resolve_verifier(draft, verifier)
+    if engine in ("vllm", "both"):
+        from speculators_core.evaluate.vllm_runner import vllm_serving
+
+        vllm_serving(draft, get_host())  # an algorithm vLLM cannot serve stops here, in one line
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(verifier_dir)

@@ -241,3 +241,25 @@ def test_the_quickstart_serve_line_uses_the_records_method(
     assert "vLLM cannot serve algorithm 'fixture-mlp'" in quickstart_serve_line(
         fixture_draft, unserved
     )
+
+
+def test_eval_cli_with_vllm_stops_before_decoding(
+    fixture_draft: Path,
+    tiny_verifier: Path,
+    fixture_host: PluginHost,
+    monkeypatch: pytest.MonkeyPatch,
+):
+    from speculators_core.cli.eval_cmd import eval_command
+    from speculators_core.plugins import host as host_module
+
+    unserved = _host_with(replace(fixture_host.algorithm("fixture-mlp"), vllm=None))
+    monkeypatch.setattr(host_module, "get_host", lambda: unserved)
+    monkeypatch.setattr(
+        "speculators_core.evaluate.evaluation.evaluate_reference",
+        lambda *a, **k: pytest.fail("the reference engine must not run first"),
+    )
+    args = [str(fixture_draft), "--verifier", str(tiny_verifier), "--engine", "both"]
+    result = CliRunner().invoke(eval_command, [*args, "--output", str(fixture_draft / "eval")])
+    assert result.exit_code == 1
+    assert "vLLM cannot serve algorithm 'fixture-mlp'" in str(result.exception)
+    assert not (fixture_draft / "eval").exists()
