@@ -220,9 +220,19 @@ def evaluate(
 ) -> dict[str, Any]:
     """τ and per-position acceptance of each draft, all in one vLLM worker when possible."""
     from speculators_core.evaluate.vllm_runner import VllmError, VllmJob, run_vllm_jobs
+    from speculators_core.plugins.host import get_host
 
     jobs = [
-        VllmJob(verifier, path, prompts, k=k, max_new_tokens=max_new, temperature=0.0, seed=0)
+        VllmJob(
+            verifier,
+            path,
+            prompts,
+            k=k,
+            max_new_tokens=max_new,
+            temperature=0.0,
+            seed=0,
+            host=get_host(),  # the algorithm's record says how vLLM serves each draft
+        )
         for path in drafts.values()
     ]
     try:
@@ -302,8 +312,9 @@ def main() -> None:
     upstream_dir = work / "upstream-draft"
 
     from speculators_core.check import check_checkpoint
+    from speculators_core.plugins.host import get_host
 
-    report = check_checkpoint(upstream_dir, verifier=verifier)
+    report = check_checkpoint(upstream_dir, host=get_host(), verifier=verifier)
     findings = [str(f) for f in report.findings]
 
     _say(f"vLLM: {opts.num_prompts} held-out prompts, k={settings.k}, greedy, both drafts")

@@ -22,6 +22,7 @@ from speculators_core.errors import (
     UnknownAlgorithmError,
 )
 from speculators_core.features import HiddenStateSpec
+from speculators_core.lint import Finding, LintContext
 from speculators_core.loading import (
     install_auto_config_loader,
     load_config,
@@ -37,6 +38,7 @@ from speculators_core.plugins import (
     PluginSettings,
     ProposalMethod,
     TrainingOption,
+    VllmServing,
     get_host,
     hookimpl,
 )
@@ -52,8 +54,10 @@ __all__ = [
     "Converter",
     "DraftProposal",
     "DraftSession",
+    "Finding",
     "GreedyTokenProposalConfig",
     "HiddenStateSpec",
+    "LintContext",
     "PluginError",
     "PluginHost",
     "PluginSettings",
@@ -67,6 +71,7 @@ __all__ = [
     "TrainingStepOutput",
     "UnknownAlgorithmError",
     "VerifierConfig",
+    "VllmServing",
     "__version__",
     "build_vocab_mapping",
     "check_vocab_mapping",

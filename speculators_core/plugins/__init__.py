@@ -13,7 +13,13 @@ from speculators_core.plugins.host import (
     list_entry_points,
     reset_host,
 )
-from speculators_core.plugins.records import Algorithm, Converter, ProposalMethod, TrainingOption
+from speculators_core.plugins.records import (
+    Algorithm,
+    Converter,
+    ProposalMethod,
+    TrainingOption,
+    VllmServing,
+)
 
 __all__ = [
     "ALL_GROUPS",
@@ -27,6 +33,7 @@ __all__ = [
     "PluginSettings",
     "ProposalMethod",
     "TrainingOption",
+    "VllmServing",
     "get_host",
     "hookimpl",
     "hookspec",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -11,6 +11,7 @@ from speculators_core.options import TrainingOption
 
 if TYPE_CHECKING:
     from speculators_core.config import SpeculatorModelConfig, TokenProposalConfig
+    from speculators_core.lint import Finding, LintContext
     from speculators_core.model import SpeculatorModel
 
 __all__ = [
@@ -18,9 +19,35 @@ __all__ = [
     "ConvertFunction",
     "Converter",
     "DetectFunction",
+    "LintFunction",
     "ProposalMethod",
     "TrainingOption",
+    "VllmServing",
 ]
+
+#: ``lint(context)`` returns (or yields) an algorithm's own findings about a speculator folder,
+#: in order; see :class:`speculators_core.lint.LintContext`.
+LintFunction = Callable[["LintContext"], Iterable["Finding"]]
+
+
+@dataclass(frozen=True)
+class VllmServing:
+    """How vLLM serves an algorithm's drafts (``speculators serve``, ``eval --engine vllm``).
+
+    * ``method``: vLLM's ``speculative_config["method"]`` for the draft (``"eagle3"``).
+    * ``speculative_config``: extra keys merged into vLLM's ``speculative_config`` after
+      ``method``, ``model`` and ``num_speculative_tokens`` (default: none), e.g.
+      ``{"draft_tensor_parallel_size": 1}``; JSON values only, since ``serve`` writes them into
+      ``--speculative-config``.
+    * ``export``: empty when vLLM reads the speculators folder itself. Otherwise vLLM serves
+      only an export of the folder, and this says how to make it (one imperative clause, e.g.
+      ``"export it with 'speculators hass export-vllm DIR OUT' and serve OUT"``): ``serve``,
+      ``eval --engine vllm`` and ``check`` refuse the speculators folder with it.
+    """
+
+    method: str
+    speculative_config: Mapping[str, Any] = field(default_factory=dict)
+    export: str = ""
 
 
 @dataclass(frozen=True)
@@ -30,7 +57,8 @@ class Algorithm:
     ``name`` is what checkpoints store as ``speculators_model_type`` and what users type
     (``speculators train --algorithm NAME``). ``config_class`` must declare
     ``speculators_model_type`` with that same name; ``model_class`` is the
-    :class:`~speculators_core.model.SpeculatorModel` subclass that implements it.
+    :class:`~speculators_core.model.SpeculatorModel` subclass that implements it. ``lint``
+    (its ``speculators check`` rules) and ``vllm`` (how vLLM serves it) are optional.
 
     ``training_options`` lists the keyword options of ``model_class.from_verifier`` that users
     may set (``speculators train --algo-opt NAME=VALUE``, ``algo_options`` of a config file, the
@@ -46,6 +74,11 @@ class Algorithm:
     provided_by: str = field(default="", compare=False)
     #: The options ``from_verifier`` accepts, with their types, defaults and help.
     training_options: Sequence[TrainingOption] = ()
+    #: The algorithm's own ``speculators check`` rules, run after the core's generic checks;
+    #: None: the generic checks only.
+    lint: LintFunction | None = field(default=None, compare=False)
+    #: How vLLM serves the algorithm; None: vLLM cannot serve it (``serve`` refuses).
+    vllm: VllmServing | None = None
 
 
 @dataclass(frozen=True)

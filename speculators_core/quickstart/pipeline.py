@@ -30,11 +30,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from speculators_core.errors import SpeculatorsError
 from speculators_core.fsutil import atomic_directory, atomic_file
 from speculators_core.quickstart.settings import QuickstartSettings
+
+if TYPE_CHECKING:
+    from speculators_core.plugins.host import PluginHost
 
 __all__ = ["STATE_NAME", "QuickstartResult", "run_quickstart"]
 
@@ -504,6 +507,7 @@ def _eval_stage(
     verifier: Path,
     speculator: Path,
     echo: Echo,
+    host: PluginHost,
 ) -> list[dict[str, Any]]:
     if state.done("eval"):
         return list(state.stages["eval"]["results"])
@@ -516,11 +520,17 @@ def _eval_stage(
         k=settings.k, temperature=0.0, max_new_tokens=settings.eval_max_new_tokens, seed=0
     )
     results: list[dict[str, Any]] = []
-    if settings.vllm_eval and vllm_available():
+    serving = host.algorithm(settings.algorithm).vllm
+    servable = serving is not None and not serving.export  # vLLM reads the folder itself
+    if settings.vllm_eval and not servable:
+        echo(f"[eval] vLLM cannot serve algorithm '{settings.algorithm}': skipping vLLM")
+    elif settings.vllm_eval and vllm_available():
         echo(
             f"[eval] vLLM: {len(prompts)} held-out prompts, k={settings.k}, greedy, with and without the draft"
         )
-        results.append(evaluate_vllm(speculator, verifier, prompts, baseline=True, **common))  # type: ignore[arg-type]
+        results.append(
+            evaluate_vllm(speculator, verifier, prompts, baseline=True, host=host, **common)  # type: ignore[arg-type]
+        )
     elif settings.vllm_eval:
         echo("[eval] vLLM is not installed: skipping the vLLM measurement")
     if settings.reference_eval:
@@ -595,8 +605,10 @@ def run_quickstart(
     if not speculator.is_dir():
         with atomic_directory(speculator, overwrite=True) as tmp:
             shutil.copytree(final, tmp, dirs_exist_ok=True)
-    results = _eval_stage(state, settings, verifier, speculator, echo)
-    report = write_report(out, state.stages, settings, speculator, results, run_dir=out / "train")
+    results = _eval_stage(state, settings, verifier, speculator, echo, host)
+    report = write_report(
+        out, state.stages, settings, speculator, results, run_dir=out / "train", host=host
+    )
     state.finish("report", seconds=0.0, total_seconds=report["total_seconds"])
     command = str(report["serve_command"])  # built once, by the report
     return QuickstartResult(out, speculator, report, command)

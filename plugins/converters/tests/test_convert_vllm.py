@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from converter_helpers import make_safeailab_eagle, make_safeailab_eagle3
 
-from speculators_core import get_host
+from speculators_core import PluginHost, get_host
 from speculators_core.conversion import run_conversion
 from speculators_core.evaluate.vllm_env import vllm_available
 from speculators_core.evaluate.vllm_runner import VllmJob, run_vllm_jobs
@@ -79,6 +79,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         "k": K,
         "max_new_tokens": NEW_TOKENS,
         "max_model_len": 256,
+        "host": PluginHost(),  # the eagle3 record says how vLLM serves the converted folder
     }
     baseline, eagle3, eagle1 = run_vllm_jobs(
         [

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from speculators_core import Algorithm, TrainingOption, hookimpl
+from speculators_core import Algorithm, TrainingOption, VllmServing, hookimpl
 from speculators_core.modeling import ATTENTION_IMPLEMENTATIONS
 from speculators_core.options import int_list, python_value
 from speculators_eagle3.config import DRAFT_LAYER_TYPES, Eagle3SpeculatorConfig
+from speculators_eagle3.lint import lint_eagle3
 from speculators_eagle3.model import Eagle3DraftModel
 
 __all__ = ["TRAINING_OPTIONS", "speculators_register_algorithms"]
@@ -80,7 +81,7 @@ TRAINING_OPTIONS: tuple[TrainingOption, ...] = (
 
 @hookimpl
 def speculators_register_algorithms() -> Sequence[Algorithm]:
-    """The ``eagle3`` algorithm: config and model classes, and its training options."""
+    """The ``eagle3`` algorithm: classes, training options, check rules, vLLM serving."""
     return [
         Algorithm(
             name="eagle3",
@@ -88,5 +89,8 @@ def speculators_register_algorithms() -> Sequence[Algorithm]:
             model_class=Eagle3DraftModel,
             description="EAGLE-3: multi-layer verifier features, training-time test, draft vocabulary",
             training_options=TRAINING_OPTIONS,
+            lint=lint_eagle3,
+            # vLLM reads speculators-format eagle3 folders itself (FORMAT.md 2.1).
+            vllm=VllmServing(method="eagle3"),
         )
     ]

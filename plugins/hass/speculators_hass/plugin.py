@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from speculators_core import Algorithm, TrainingOption, hookimpl
+from speculators_core import Algorithm, TrainingOption, VllmServing, hookimpl
 from speculators_core.modeling import ATTENTION_IMPLEMENTATIONS
 from speculators_hass.config import EagleSpeculatorConfig
+from speculators_hass.lint import EXPORT_HINT, lint_eagle
 from speculators_hass.model import EagleDraftModel
 
 __all__ = ["TRAINING_OPTIONS", "speculators_register_algorithms"]
@@ -68,7 +69,11 @@ TRAINING_OPTIONS: tuple[TrainingOption, ...] = (
 
 @hookimpl
 def speculators_register_algorithms() -> Sequence[Algorithm]:
-    """The ``eagle`` algorithm (EAGLE-1/2 architecture, HASS training): config and model classes."""
+    """The ``eagle`` algorithm (EAGLE-1/2 architecture, HASS training).
+
+    Config and model classes, its check rules, and how vLLM serves it: through an export to
+    vLLM's native EAGLE-1 layout, with method ``eagle``.
+    """
     return [
         Algorithm(
             name="eagle",
@@ -76,5 +81,7 @@ def speculators_register_algorithms() -> Sequence[Algorithm]:
             model_class=EagleDraftModel,
             description="EAGLE-1/2 draft (final verifier feature, shared LM head) trained with HASS",
             training_options=TRAINING_OPTIONS,
+            lint=lint_eagle,
+            vllm=VllmServing(method="eagle", export=EXPORT_HINT),
         )
     ]
