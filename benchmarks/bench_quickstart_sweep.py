@@ -129,7 +129,7 @@ def train_variant(
         "--eval-every", str(args.eval_every), "--no-eval-per-epoch",
         "--no-save-per-epoch", "--save-every", "1000000", "--save-total-limit", "1",
         "--no-progress", "--no-console-log",
-        "--algo-opt", f"ttt_steps={settings.get('ttt_steps', 3)}",
+        "--algo-opt", f"ttt_steps={settings.get('algo_options', {}).get('ttt_steps', settings.get('ttt_steps', 3))}",
         *flags,
     ]  # fmt: skip
     started = time.perf_counter()

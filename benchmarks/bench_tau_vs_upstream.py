@@ -93,9 +93,16 @@ def prepare(run: Path, work: Path, train_seconds: float) -> dict[str, Any]:
     from speculators_core.train.launch import prepare_run
 
     recorded = json.loads((run / "quickstart.json").read_text())
-    settings = QuickstartSettings(**recorded["settings"])
+    fields = dict(recorded["settings"])
+    if "ttt_steps" in fields:  # recorded before the settings carried algo_options
+        fields.setdefault("algo_options", {})["ttt_steps"] = fields.pop("ttt_steps")
+    settings = QuickstartSettings(**fields)
     if settings.algorithm != "eagle3":
         raise SystemExit(f"{run} trained '{settings.algorithm}'; this benchmark compares eagle3")
+    from speculators_core.plugins.host import get_host
+
+    # The options the quickstart trained with: the recorded ones completed as it completes them.
+    settings = settings.with_algorithm(get_host().algorithm(settings.algorithm))
     stages = recorded.get("stages", {})
     verifier = resolve_verifier_path(settings.verifier)
     store, vocab = run / "data" / "store", run / "data" / "vocab"
@@ -213,9 +220,19 @@ def evaluate(
 ) -> dict[str, Any]:
     """τ and per-position acceptance of each draft, all in one vLLM worker when possible."""
     from speculators_core.evaluate.vllm_runner import VllmError, VllmJob, run_vllm_jobs
+    from speculators_core.plugins.host import get_host
 
     jobs = [
-        VllmJob(verifier, path, prompts, k=k, max_new_tokens=max_new, temperature=0.0, seed=0)
+        VllmJob(
+            verifier,
+            path,
+            prompts,
+            k=k,
+            max_new_tokens=max_new,
+            temperature=0.0,
+            seed=0,
+            host=get_host(),  # the algorithm's record says how vLLM serves each draft
+        )
         for path in drafts.values()
     ]
     try:
@@ -295,8 +312,9 @@ def main() -> None:
     upstream_dir = work / "upstream-draft"
 
     from speculators_core.check import check_checkpoint
+    from speculators_core.plugins.host import get_host
 
-    report = check_checkpoint(upstream_dir, verifier=verifier)
+    report = check_checkpoint(upstream_dir, host=get_host(), verifier=verifier)
     findings = [str(f) for f in report.findings]
 
     _say(f"vLLM: {opts.num_prompts} held-out prompts, k={settings.k}, greedy, both drafts")
@@ -340,7 +358,7 @@ def main() -> None:
         print(f"warning: load average {load:.1f} on {os.cpu_count()} CPUs while this ran")
     print(
         f"EAGLE-3 drafts for {verifier.name} from {run}: 1 layer, draft vocab "
-        f"{settings.draft_vocab_size}, TTT {settings.ttt_steps}, rows of {settings.train_seq_len} "
+        f"{settings.draft_vocab_size}, TTT {settings.algo_options.get('ttt_steps', 3)}, rows of {settings.train_seq_len} "
         f"tokens ({info['train_samples']} training samples, {info['rows_per_epoch']} rows per "
         f"epoch), AdamW lr {settings.learning_rate:g}, float32, same initial weights"
     )

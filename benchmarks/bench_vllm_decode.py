@@ -91,6 +91,7 @@ def main() -> None:
     from speculators_core.evaluate.prompts import load_prompt_texts, render_prompts
     from speculators_core.evaluate.vllm_env import detect_device
     from speculators_core.evaluate.vllm_runner import VllmJob, run_vllm_jobs
+    from speculators_core.plugins.host import get_host
 
     verifier = args.verifier or smollm2_path()
     tokenizer = AutoTokenizer.from_pretrained(verifier)
@@ -111,6 +112,7 @@ def main() -> None:
             "max_new_tokens": args.max_new_tokens,
             "ignore_eos": True,
             "batch_size": 1,
+            "host": get_host(),  # the algorithm's record says how vLLM serves the draft
         }
         jobs = [VllmJob(draft=d, **common) for _ in range(args.rounds) for d in (None, draft)]
         print(

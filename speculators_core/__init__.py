@@ -22,6 +22,7 @@ from speculators_core.errors import (
     UnknownAlgorithmError,
 )
 from speculators_core.features import HiddenStateSpec
+from speculators_core.lint import Finding, LintContext
 from speculators_core.loading import (
     install_auto_config_loader,
     load_config,
@@ -36,6 +37,8 @@ from speculators_core.plugins import (
     PluginHost,
     PluginSettings,
     ProposalMethod,
+    TrainingOption,
+    VllmServing,
     get_host,
     hookimpl,
 )
@@ -51,8 +54,10 @@ __all__ = [
     "Converter",
     "DraftProposal",
     "DraftSession",
+    "Finding",
     "GreedyTokenProposalConfig",
     "HiddenStateSpec",
+    "LintContext",
     "PluginError",
     "PluginHost",
     "PluginSettings",
@@ -62,9 +67,11 @@ __all__ = [
     "SpeculatorsConfig",
     "SpeculatorsError",
     "TokenProposalConfig",
+    "TrainingOption",
     "TrainingStepOutput",
     "UnknownAlgorithmError",
     "VerifierConfig",
+    "VllmServing",
     "__version__",
     "build_vocab_mapping",
     "check_vocab_mapping",

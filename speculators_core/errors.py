@@ -4,6 +4,7 @@ from __future__ import annotations
 
 __all__ = [
     "ConfigError",
+    "ConversionError",
     "PluginError",
     "SpeculatorsError",
     "UnknownAlgorithmError",
@@ -32,3 +33,8 @@ class UnknownAlgorithmError(PluginError, KeyError):
 
     def __str__(self) -> str:  # KeyError would otherwise quote the message
         return str(self.args[0]) if self.args else ""
+
+
+class ConversionError(SpeculatorsError):
+    """A source checkpoint cannot be converted (unreadable, incomplete, or inconsistent), or the
+    converted folder does not reproduce it (``speculators convert --validate``)."""

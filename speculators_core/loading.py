@@ -167,22 +167,30 @@ def register_auto_classes(algorithm: Algorithm) -> None:
     AutoModel.register(config_cls, algorithm.model_class, exist_ok=True)
 
 
-# The host transformers' AutoConfig asks (transformers' registry is process-wide, so this
-# binding is too); None until register_with_transformers names one: the default host.
-_auto_host: PluginHost | None = None
+# The hosts registered with transformers, newest first. transformers' registry is process-wide
+# and its registrations accumulate, so AutoConfig asks every registered host (then the default
+# one) for a folder's type, as AutoModel knows every registered class.
+_auto_hosts: list[PluginHost] = []
+
+
+def _auto_host_for(kind: Any) -> PluginHost:
+    """The newest registered host that provides ``kind``, else the default host."""
+    for host in _auto_hosts:
+        if isinstance(kind, str) and kind in host.algorithms():
+            return host
+    return get_host()
 
 
 def register_with_transformers(host: PluginHost | None = None) -> None:
-    """Register ``host``'s algorithms with transformers and make ``AutoConfig`` ask that host.
+    """Register ``host``'s algorithms with transformers ``AutoConfig``/``AutoModel``.
 
-    After this, ``AutoModel.from_pretrained(folder)`` loads a speculators checkpoint without
-    ``trust_remote_code``. Idempotent per host.
+    After this, ``AutoModel.from_pretrained(folder)`` loads a speculators checkpoint of any of
+    those algorithms without ``trust_remote_code``. Idempotent per host.
     """
-    global _auto_host
     resolved = _host(host)
     install_auto_config_loader()
-    if host is not None:
-        _auto_host = host
+    if host is not None and all(h is not host for h in _auto_hosts):
+        _auto_hosts.insert(0, host)
     if resolved._cache.get("auto_registered"):
         return
     for algo in resolved.algorithms().values():
@@ -197,9 +205,10 @@ def install_auto_config_loader() -> None:
     A speculators ``config.json`` deliberately has no top-level ``model_type`` (vLLM relies on
     its absence), so transformers cannot pick a config class for it by itself. This wraps
     ``AutoConfig.from_pretrained`` once: a local folder whose config has ``speculators_config``
-    and no ``model_type`` is loaded through the host bound by :func:`register_with_transformers`
-    (the default host if none was), which also registers the algorithms' ``AutoModel``
-    mappings; everything else goes to transformers unchanged. It imports no plugin itself.
+    and no ``model_type`` is loaded through the newest host registered with
+    :func:`register_with_transformers` that provides its type (else the default host), which
+    also registers the algorithms' ``AutoModel`` mappings; everything else goes to transformers
+    unchanged. It imports no plugin itself.
     """
     original = AutoConfig.from_pretrained.__func__  # type: ignore[attr-defined]
 
@@ -215,7 +224,7 @@ def install_auto_config_loader() -> None:
             except ConfigError:
                 data = {}
             if "model_type" not in data and "speculators_config" in data:
-                host = _host(_auto_host)
+                host = _auto_host_for(data.get("speculators_model_type"))
                 register_with_transformers(host)
                 config = load_config(data, host=host)
                 config.name_or_path = str(path)

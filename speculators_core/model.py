@@ -107,6 +107,17 @@ class SpeculatorModel(PreTrainedModel):
         """A drafting session for the reference decoder (see :mod:`speculators_core.drafting`)."""
         raise NotImplementedError(f"{type(self).__name__} does not implement draft_session")
 
+    def draft_logits(self, input_ids: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """One draft step over whole sequences: logits over the verifier's vocabulary.
+
+        ``input_ids`` ``[B, T]`` are verifier token ids (the token after each feature's
+        position), ``features`` ``[B, T, F]`` the verifier features the draft reads (what
+        :meth:`hidden_state_spec` names, concatenated). Returns float64 ``[B, T, V]`` with
+        ``-inf`` for verifier tokens the draft cannot propose. ``speculators convert --validate``
+        compares it with the source checkpoint's own forward.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not implement draft_logits")
+
     def attach_verifier_parts(self, verifier: str | os.PathLike[str]) -> None:
         """Re-attach frozen verifier tensors that are not saved (a no-op unless overridden).
 

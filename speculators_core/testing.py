@@ -153,10 +153,13 @@ def packed_documents(document_ids: torch.Tensor) -> Iterator[tuple[int, int, int
 
 
 def evaluation_metrics(model: Any, batch: dict[str, torch.Tensor]) -> dict[str, float]:
-    """``model.training_step(batch)``'s metrics in eval mode without gradients (then train mode)."""
+    """``model.training_step(batch)``'s metrics in eval mode without gradients (then train mode),
+    with those the core's trainer derives (``est_accept_len``) added."""
+    from speculators_core.train.metrics import derive_metrics
+
     model.eval()
     with torch.no_grad():
-        metrics = model.training_step(batch).metrics
+        metrics = derive_metrics(model.training_step(batch)).metrics
     model.train()
     return {key: float(value.item()) for key, value in metrics.items()}
 

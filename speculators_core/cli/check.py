@@ -25,15 +25,19 @@ def check_command(folder: Path, verifier: Path | None, as_json: bool) -> None:
     """Check a speculator FOLDER against what vLLM reads, without loading it.
 
     Prints one line per finding, '<file>: <problem>; <fix>', and exits 1 when there are
-    findings, 0 when the folder is clean. Checked: config.json fields (top-level model_type,
-    speculators_config, speculative_tokens, verifier name_or_path, norm_before_residual, aux
-    layer ids), tensor names, shapes and dtypes (from the safetensors headers), d2t/t2d, and,
-    when the verifier is reachable, vocabulary, hidden size, layer ids and context length
-    against it.
+    findings, 0 when the folder is clean. The core checks what every speculators folder needs
+    (config.json fields: top-level model_type, speculators_model_type of an installed plugin,
+    speculators_config, speculative_tokens, verifier name_or_path; readable safetensors with
+    bare, unfused tensor names); the algorithm's plugin checks the rest (for eagle3: sizes, aux
+    layer ids, tensor shapes and dtypes, d2t/t2d and, when the verifier is reachable, the
+    vocabulary, hidden size, layer ids and context length against it).
     """
     from speculators_core.check import check_checkpoint
+    from speculators_core.plugins.host import get_host
 
-    report = check_checkpoint(folder, verifier=verifier)
+    report = check_checkpoint(folder, host=get_host(), verifier=verifier)
+    for note in report.notes:
+        click.echo(f"note: {note}", err=True)
     if as_json:
         click.echo(json.dumps([f.to_json() for f in report.findings], indent=2))
     else:

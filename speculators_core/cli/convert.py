@@ -17,6 +17,7 @@ import click
 
 from speculators_core.cli.plugin_host import command_host
 from speculators_core.errors import PluginError, SpeculatorsError
+from speculators_core.options import json_or_text, parse_key_value
 
 __all__ = ["convert_command", "detect_format", "parse_option", "select_converter"]
 
@@ -96,17 +97,8 @@ def select_converter(source: Path, from_format: str | None, host: Any = None) ->
 
 def parse_option(text: str) -> tuple[str, Any]:
     """``KEY=VALUE`` from ``--set``; the value is JSON when it parses, else a plain string."""
-    key, sep, raw = text.partition("=")
-    key = key.strip().replace("-", "_")
-    if not sep or not key:
-        raise SpeculatorsError(
-            f"--set '{text}' is not KEY=VALUE; write e.g. --set norm_before_residual=true"
-        )
-    try:
-        value: Any = json.loads(raw)
-    except json.JSONDecodeError:
-        value = raw
-    return key, value
+    key, raw = parse_key_value(text, flag="--set", example="norm_before_residual=true")
+    return key, json_or_text(raw)
 
 
 @click.command("convert")
@@ -170,6 +162,8 @@ def convert_command(
         raise SpeculatorsError(
             f"output folder '{output}' already exists; choose another path or pass --overwrite"
         )
+    from speculators_core.conversion import run_conversion
+
     verifier_path = resolve_verifier_path(verifier)
     if not (verifier_path / "config.json").is_file():
         raise SpeculatorsError(
@@ -177,14 +171,24 @@ def convert_command(
             "local folder or 'smollm2'"
         )
     options = dict(parse_option(s) for s in settings)
-    converter = select_converter(source, from_format, command_host())
-    converter.convert(
+    host = command_host()
+    converter = select_converter(source, from_format, host)
+    result = run_conversion(
+        converter,
         source,
         verifier=verifier_path,
         output=output,
-        validate=validate,
         dtype=dtype,
         overwrite=overwrite,
-        **options,
+        validate=validate,
+        options=options,
+        host=host,
     )
+    if result is not None:
+        click.echo(
+            f"validated: max |logit difference| {result.max_abs_diff:.3g} (tolerance "
+            f"{result.tolerance:.3g}), argmax agreement {result.argmax_agreement:.3f}; "
+            "speculators check: clean",
+            err=True,
+        )
     click.echo(f"{output}: converted from {converter.name} to '{converter.algorithm}'")

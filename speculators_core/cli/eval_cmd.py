@@ -142,12 +142,17 @@ def eval_command(
     from speculators_core.evaluate.plots import plot_acceptance
     from speculators_core.evaluate.prompts import load_prompt_texts, render_prompts
     from speculators_core.fsutil import atomic_file
+    from speculators_core.plugins.host import get_host
 
     if not (draft / "config.json").is_file():
         raise SpeculatorsError(f"'{draft}' is not a speculator folder (no config.json)")
     if k < 1 or max_new_tokens < 1:
         raise SpeculatorsError("-k and --max-new-tokens must be at least 1")
     verifier_dir = resolve_verifier(draft, verifier)
+    if engine in ("vllm", "both"):
+        from speculators_core.evaluate.vllm_runner import vllm_serving
+
+        vllm_serving(draft, get_host())  # an algorithm vLLM cannot serve stops here, in one line
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(verifier_dir)
@@ -185,6 +190,7 @@ def eval_command(
                 max_new_tokens=max_new_tokens,
                 seed=seed,
                 baseline=baseline,
+                host=get_host(),
             )
         )
     _print_table(reports)

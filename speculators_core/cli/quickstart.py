@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
+from speculators_core.errors import SpeculatorsError
 from speculators_core.quickstart.settings import GENERATION_BACKENDS
 
 __all__ = ["quickstart_command"]
@@ -17,6 +19,12 @@ __all__ = ["quickstart_command"]
     default="smollm2",
     show_default=True,
     help="Verifier model folder, or 'smollm2' (SmolLM2-135M-Instruct, embedded).",
+)
+@click.option(
+    "--algorithm",
+    default="eagle3",
+    show_default=True,
+    help="Algorithm to train (an installed plugin's name; see 'speculators plugins').",
 )
 @click.option(
     "--data",
@@ -72,9 +80,17 @@ __all__ = ["quickstart_command"]
 @click.option(
     "--ttt-steps",
     type=click.IntRange(min=1),
-    default=3,
-    show_default=True,
-    help="EAGLE-3 training-time-test steps.",
+    default=None,
+    help="Training-time-test steps: shorthand for --algo-opt ttt_steps=N, for algorithms that "
+    "declare that option (eagle3; default: the algorithm's, 3 for eagle3).",
+)
+@click.option(
+    "--algo-opt",
+    "algo_opt",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="An option of the algorithm, as for 'speculators train --algo-opt' (its help lists "
+    "them); checked and converted to the declared type before anything runs. Repeatable.",
 )
 @click.option("--learning-rate", type=float, default=1e-3, show_default=True)
 @click.option(
@@ -147,6 +163,7 @@ __all__ = ["quickstart_command"]
 @click.option("--overwrite", is_flag=True, help="Replace an existing --output.")
 def quickstart_command(
     verifier: str,
+    algorithm: str,
     data: tuple[str, ...],
     output: Path,
     budget_minutes: float,
@@ -155,7 +172,8 @@ def quickstart_command(
     max_new_tokens: int,
     draft_vocab_size: int,
     k: int,
-    ttt_steps: int,
+    ttt_steps: int | None,
+    algo_opt: tuple[str, ...],
     learning_rate: float,
     train_seq_len: int,
     generation_backend: str,
@@ -170,7 +188,7 @@ def quickstart_command(
     resume: bool,
     overwrite: bool,
 ) -> None:
-    """Train an EAGLE-3 draft for a verifier end to end and measure it.
+    """Train a draft (EAGLE-3 by default) for a verifier end to end and measure it.
 
     On the embedded default (SmolLM2-135M-Instruct and ShareGPT): regenerate answers with the
     verifier, capture hidden states, build the draft vocabulary, train for what is left of
@@ -178,11 +196,24 @@ def quickstart_command(
     decoder, and write OUTPUT/speculator (the draft), OUTPUT/report.json, OUTPUT/acceptance.png
     and OUTPUT/training.png. Interrupted runs continue with --resume.
     """
+    from speculators_core.cli.train import parse_algo_options
     from speculators_core.quickstart.pipeline import run_quickstart
     from speculators_core.quickstart.settings import QuickstartSettings
 
+    algo_options: dict[str, Any] = dict(parse_algo_options(algo_opt))
+    if ttt_steps is not None:
+        if "ttt_steps" in algo_options and str(algo_options["ttt_steps"]).strip() != str(ttt_steps):
+            raise SpeculatorsError(
+                f"--ttt-steps {ttt_steps} and --algo-opt ttt_steps={algo_options['ttt_steps']} "
+                "disagree; pass one of them"
+            )
+        # Refused by QuickstartSettings.with_algorithm, listing the algorithm's options, when
+        # the algorithm has no ttt_steps.
+        algo_options["ttt_steps"] = ttt_steps
+
     settings = QuickstartSettings(
         verifier=verifier,
+        algorithm=algorithm,
         data=list(data),
         budget_minutes=budget_minutes,
         samples=samples,
@@ -190,7 +221,7 @@ def quickstart_command(
         max_new_tokens=max_new_tokens,
         draft_vocab_size=draft_vocab_size,
         k=k,
-        ttt_steps=ttt_steps,
+        algo_options=algo_options,
         learning_rate=learning_rate,
         train_seq_len=train_seq_len,
         generation_backend=generation_backend,

@@ -12,6 +12,10 @@ explicit form is chosen because:
 * the command that runs says exactly what is served, so the printed command is a complete
   recipe to reuse elsewhere.
 
+The ``method`` (and any extra ``--speculative-config`` keys) come from the ``vllm`` field of the
+folder's algorithm record (:class:`~speculators_core.plugins.records.VllmServing`); an algorithm
+without one, or one vLLM serves only as an export (``eagle``), is refused in one line.
+
 On a CPU the ASSETS.md settings are added: the environment of
 :func:`~speculators_core.evaluate.vllm_env.vllm_env` (``LD_PRELOAD`` of Intel OpenMP, thread
 binding, KV cache size) and ``--dtype float32 --enforce-eager`` unless given after ``--``.
@@ -29,10 +33,14 @@ import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from speculators_core.errors import SpeculatorsError
+
+if TYPE_CHECKING:
+    from speculators_core.plugins.host import PluginHost
 
 __all__ = ["ServeCommand", "build_serve_command", "serve_command"]
 
@@ -80,6 +88,7 @@ def _has_option(args: Sequence[str], *names: str) -> bool:
 def build_serve_command(
     speculator: str | os.PathLike[str],
     *,
+    plugin_host: PluginHost,
     verifier: str | None = None,
     k: int | None = None,
     host: str | None = None,
@@ -90,12 +99,14 @@ def build_serve_command(
 ) -> ServeCommand:
     """The ``vllm serve`` command (and environment) that serves ``speculator``.
 
-    ``verifier`` replaces the verifier recorded in the folder; ``k`` the recorded
-    ``speculative_tokens``. ``extra_args`` are passed to ``vllm serve`` unchanged, after the
-    ones built here (so they win where vLLM takes the last value).
+    ``plugin_host`` is the plugin host whose record of the folder's algorithm says how vLLM
+    serves it (``Algorithm.vllm``). ``verifier`` replaces the verifier recorded in the folder;
+    ``k`` the recorded ``speculative_tokens``. ``host`` and ``port`` are where vLLM listens.
+    ``extra_args`` are passed to ``vllm serve`` unchanged, after the ones built here (so they
+    win where vLLM takes the last value).
     """
     from speculators_core.evaluate.vllm_env import detect_device, vllm_env
-    from speculators_core.evaluate.vllm_runner import draft_method
+    from speculators_core.evaluate.vllm_runner import speculative_config
 
     folder = Path(speculator)
     config_file = folder / "config.json"
@@ -140,11 +151,7 @@ def build_serve_command(
         raise SpeculatorsError(f"--k must be at least 1, got {k}")
 
     model = str(Path(verifier).resolve()) if Path(verifier).exists() else verifier
-    speculative = {
-        "method": draft_method(folder),
-        "model": str(folder.resolve()),
-        "num_speculative_tokens": k,
-    }
+    speculative = speculative_config(folder, k, host=plugin_host)
     argv = [*_vllm_executable(), "serve", model, "--speculative-config", json.dumps(speculative)]
     if host is not None:
         argv += ["--host", host]
@@ -161,6 +168,18 @@ def build_serve_command(
     env = vllm_env(where, base)
     changes = {key: value for key, value in env.items() if base.get(key) != value}
     return ServeCommand(argv=argv, env=env, env_changes=changes)
+
+
+def _refuse_unservable(folder: Path, plugin_host: PluginHost) -> None:
+    """Fail in one line, before the check, when vLLM cannot serve the folder's algorithm."""
+    from speculators_core.evaluate.vllm_runner import vllm_serving
+
+    try:
+        data = json.loads((folder / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return  # the check (or building the command) reports it, with its fix
+    if isinstance(data, dict) and data.get("speculators_model_type"):
+        vllm_serving(folder, plugin_host)
 
 
 @click.command("serve")
@@ -204,13 +223,18 @@ def serve_command(
     Without vLLM installed, the command is printed instead of run.
     """
     from speculators_core.evaluate.vllm_env import vllm_available
+    from speculators_core.plugins.host import get_host
 
+    plugin_host = get_host()
+    _refuse_unservable(speculator, plugin_host)
     if not no_check:
         from speculators_core.check import check_checkpoint
 
         ignored = {"verifier-path"} if verifier is not None else set()
         report = check_checkpoint(
-            speculator, verifier=verifier if verifier and Path(verifier).is_dir() else None
+            speculator,
+            host=plugin_host,
+            verifier=verifier if verifier and Path(verifier).is_dir() else None,
         )
         findings = [f for f in report.findings if f.code not in ignored]
         if findings:
@@ -220,6 +244,7 @@ def serve_command(
             )
     command = build_serve_command(
         speculator,
+        plugin_host=plugin_host,
         verifier=verifier,
         k=k,
         host=host,

@@ -22,6 +22,7 @@ from typing import Any
 import click
 
 from speculators_core.cli.plugin_host import command_host
+from speculators_core.options import OptionText, describe_training_options, parse_key_values
 from speculators_core.train.arguments import TrainingArguments
 from speculators_core.train.errors import TrainingConfigError
 
@@ -45,25 +46,15 @@ with FSDP2.
 _SKIPPED_FIELDS = {"output_dir"}
 
 
-def parse_algo_options(pairs: tuple[str, ...]) -> dict[str, Any]:
-    """``("num_layers=2", "aux_layer_ids=[2,4,6]", "layer_type=qwen3")`` -> a dict.
+def parse_algo_options(pairs: tuple[str, ...]) -> dict[str, OptionText]:
+    """``("num_layers=2", "layer_type=qwen3")`` -> ``{"num_layers": "2", "layer_type": "qwen3"}``.
 
-    Each value is read as JSON (numbers, booleans, lists, objects, ``null``); anything that is
-    not valid JSON is kept as a string.
+    Values stay text (:class:`~speculators_core.options.OptionText`) until the algorithm is
+    known: :func:`~speculators_core.options.resolve_training_options` converts each to the type
+    the algorithm declares for it (or reads it as JSON, else a string, for an algorithm that
+    declares no options).
     """
-    options: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, raw = pair.partition("=")
-        key = key.strip().replace("-", "_")
-        if not sep or not key:
-            raise TrainingConfigError(
-                f"--algo-opt '{pair}' is not KEY=VALUE; example: --algo-opt ttt_steps=3"
-            )
-        try:
-            options[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            options[key] = raw
-    return options
+    return parse_key_values(pairs, flag="--algo-opt", example="ttt_steps=3")
 
 
 def _json_object(value: str | None) -> dict[str, Any] | None:
@@ -158,6 +149,50 @@ def _run(
         ctx.close()
 
 
+def algorithm_options_help() -> list[str]:
+    """The "Algorithm options" section of ``--help``: each installed algorithm's declared options.
+
+    Asked only when help is shown. A plugin that fails to load is left out (the host logs it
+    once); if the host itself fails (strict mode), the section says so instead of ``--help``
+    failing.
+    """
+    try:
+        algorithms = command_host().algorithms()
+    except Exception as err:  # a broken plugin must never take --help down with it
+        return [f"(could not list the installed algorithms: {err})"]
+    if not algorithms:
+        return ["(no algorithm plugin is installed)"]
+    lines: list[str] = []
+    for name, algorithm in sorted(algorithms.items()):
+        described = describe_training_options(algorithm)
+        if not described:
+            lines.append(f"{name}: declares no options (values pass through unchecked)")
+            continue
+        lines.append(f"{name}:")
+        lines.extend(f"  {line}" for line in described)
+    return lines
+
+
+class _TrainCommand(click.Command):
+    """``speculators train``, whose help ends with the installed algorithms' options."""
+
+    def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        super().format_epilog(ctx, formatter)
+        with formatter.section("Algorithm options (--algo-opt NAME=VALUE)"):
+            margin = " " * formatter.current_indent
+            width = max(formatter.width - formatter.current_indent, 40)
+            for line in algorithm_options_help():
+                body = line.lstrip()
+                pad = margin + line[: len(line) - len(body)]
+                # Wrapped by hand: click's write_text would join the lines into one paragraph.
+                formatter.write(
+                    click.formatting.wrap_text(
+                        body, width, initial_indent=pad, subsequent_indent=pad + "    "
+                    )
+                    + "\n"
+                )
+
+
 def _build_command() -> click.Command:
     params: list[click.Parameter] = [
         click.Option(
@@ -227,7 +262,9 @@ def _build_command() -> click.Command:
             ["--algo-opt"],
             multiple=True,
             metavar="KEY=VALUE",
-            help="An algorithm option (repeatable); VALUE is JSON (3, true, [2,15,27]) or a string. "
+            help="An algorithm option (repeatable), converted to the type the algorithm declares "
+            "(see 'Algorithm options' below; an unknown name is refused). For an algorithm that "
+            "declares none, VALUE is read as JSON (3, true, [2,15,27]), else kept as a string. "
             "Example: --algo-opt ttt_steps=3 --algo-opt layer_type=qwen3.",
         ),
         click.Option(
@@ -255,7 +292,7 @@ def _build_command() -> click.Command:
     def callback(**kwargs: Any) -> None:
         _run(**kwargs)
 
-    return click.Command(
+    return _TrainCommand(
         "train",
         callback=callback,
         params=params,

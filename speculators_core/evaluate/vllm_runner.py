@@ -29,7 +29,7 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from speculators_core.errors import SpeculatorsError
 from speculators_core.evaluate.vllm_env import (
@@ -38,6 +38,10 @@ from speculators_core.evaluate.vllm_env import (
     vllm_available,
     vllm_env,
 )
+from speculators_core.plugins.records import VllmServing
+
+if TYPE_CHECKING:
+    from speculators_core.plugins.host import PluginHost
 
 __all__ = [
     "VllmError",
@@ -49,6 +53,7 @@ __all__ = [
     "run_vllm_pair",
     "speculative_config",
     "vllm_available",
+    "vllm_serving",
 ]
 
 logger = logging.getLogger(__name__)
@@ -139,7 +144,9 @@ class VllmJob:
     ``batch_size`` is how many prompts go to vLLM at once (``None``: all of them; ``1``: one
     prompt at a time, i.e. decoding at batch size 1). ``warmup`` sends one short request before
     the timed part. ``engine_args`` are extra ``vllm.LLM`` keyword arguments (they win over the
-    ones derived here). ``method`` overrides the speculative method read from the draft.
+    ones derived here). ``method`` overrides the speculative method read from the draft;
+    without it, a speculators-format draft needs ``host``, the plugin host whose algorithm
+    record says how vLLM serves it (:func:`vllm_serving`).
     """
 
     verifier: str | os.PathLike[str]
@@ -156,14 +163,18 @@ class VllmJob:
     dtype: str | None = None
     max_model_len: int | None = None
     engine_args: Mapping[str, Any] = field(default_factory=dict)
+    host: PluginHost | None = field(default=None, repr=False, compare=False)
 
 
-def draft_method(draft: str | os.PathLike[str]) -> str:
-    """vLLM's ``speculative_config.method`` for a draft folder.
+def vllm_serving(draft: str | os.PathLike[str], host: PluginHost | None = None) -> VllmServing:
+    """How vLLM serves the draft folder ``draft``.
 
-    A speculators-format folder uses its ``speculators_model_type`` (``eagle3``); a native
-    EAGLE-3 layout (architectures ending in ``Eagle3``) ``eagle3``; any other EAGLE layout
-    ``eagle``.
+    A speculators-format folder is served as its algorithm's record says (``Algorithm.vllm``,
+    looked up in ``host`` by ``speculators_model_type``). A native layout (no
+    ``speculators_model_type``) needs no plugin: architectures ending in ``Eagle3`` are served
+    with ``eagle3``, any other with ``eagle``. Raises :class:`VllmError` (one line) when vLLM
+    cannot serve the folder: no plugin provides its algorithm, the algorithm has no vLLM serving
+    information, or vLLM serves only an export of it.
     """
     config_file = Path(draft) / "config.json"
     try:
@@ -174,23 +185,61 @@ def draft_method(draft: str | os.PathLike[str]) -> str:
         ) from None
     except json.JSONDecodeError as err:
         raise VllmError(f"'{config_file}' is not valid JSON ({err}); fix or re-save it") from None
-    kind = data.get("speculators_model_type")
+    kind = data.get("speculators_model_type") if isinstance(data, dict) else None
     if isinstance(kind, str) and kind:
-        return kind
-    archs = [str(a) for a in data.get("architectures") or []]
-    return "eagle3" if any("eagle3" in a.lower() for a in archs) else "eagle"
+        if host is None:
+            raise VllmError(
+                f"draft '{draft}' is a speculators folder (speculators_model_type '{kind}'); "
+                "pass the plugin host that provides its algorithm, or the vLLM method"
+            )
+        try:
+            algorithm = host.algorithm(kind)
+        except SpeculatorsError as err:
+            raise VllmError(f"vLLM cannot serve '{draft}': {err}") from None
+        serving = algorithm.vllm
+        if serving is None:
+            raise VllmError(
+                f"vLLM cannot serve algorithm '{kind}': its plugin ({algorithm.provided_by}) "
+                "gives no vLLM serving information (Algorithm.vllm); measure the draft with "
+                "'speculators eval --engine reference'"
+            )
+        if serving.export:
+            raise VllmError(
+                f"vLLM does not read algorithm '{kind}' folders like '{draft}'; {serving.export}"
+            )
+        return serving
+    archs = [str(a) for a in (data.get("architectures") if isinstance(data, dict) else None) or []]
+    return VllmServing(method="eagle3" if any("eagle3" in a.lower() for a in archs) else "eagle")
+
+
+def draft_method(draft: str | os.PathLike[str], host: PluginHost | None = None) -> str:
+    """vLLM's ``speculative_config.method`` for a draft folder (see :func:`vllm_serving`)."""
+    return vllm_serving(draft, host).method
 
 
 def speculative_config(
-    draft: str | os.PathLike[str], k: int, method: str | None = None
+    draft: str | os.PathLike[str],
+    k: int,
+    method: str | None = None,
+    *,
+    host: PluginHost | None = None,
 ) -> dict[str, Any]:
-    """The ``speculative_config`` dict for vLLM: method, draft path (absolute) and ``k``."""
+    """The ``speculative_config`` dict for vLLM: method, draft path (absolute) and ``k``.
+
+    Without ``method``, the method and any extra keys come from :func:`vllm_serving` (the
+    algorithm's record in ``host`` for a speculators folder).
+    """
     if k < 1:
         raise VllmError(f"k (num_speculative_tokens) must be at least 1, got {k}")
+    extra: Mapping[str, Any] = {}
+    if method is None:
+        serving = vllm_serving(draft, host)
+        method, extra = serving.method, serving.speculative_config
     return {
-        "method": method or draft_method(draft),
+        "method": method,
         "model": str(Path(draft).resolve()),
         "num_speculative_tokens": int(k),
+        **extra,
     }
 
 
@@ -222,7 +271,9 @@ def _job_request(job: VllmJob, device: str) -> dict[str, Any]:
     if job.max_model_len is not None:
         engine["max_model_len"] = job.max_model_len
     if job.draft is not None:
-        engine["speculative_config"] = speculative_config(job.draft, job.k, job.method)
+        engine["speculative_config"] = speculative_config(
+            job.draft, job.k, job.method, host=job.host
+        )
     engine.update(job.engine_args)
     sampling: dict[str, Any] = {
         "max_tokens": job.max_new_tokens,
@@ -398,7 +449,7 @@ def run_vllm(
     """Generate from ``prompts`` (token ids, chat template applied) with vLLM; see :class:`VllmResult`.
 
     ``draft=None`` runs the verifier alone (counters are then zero). ``k`` is vLLM's
-    ``num_speculative_tokens``. Other :class:`VllmJob` fields (``method``, ``dtype``,
+    ``num_speculative_tokens``. Other :class:`VllmJob` fields (``method``, ``host``, ``dtype``,
     ``max_model_len``, ``engine_args``, ``warmup``) may be passed as keywords.
     """
     job = VllmJob(

@@ -13,7 +13,13 @@ from speculators_core.plugins.host import (
     list_entry_points,
     reset_host,
 )
-from speculators_core.plugins.records import Algorithm, Converter, ProposalMethod
+from speculators_core.plugins.records import (
+    Algorithm,
+    Converter,
+    ProposalMethod,
+    TrainingOption,
+    VllmServing,
+)
 
 __all__ = [
     "ALL_GROUPS",
@@ -26,6 +32,8 @@ __all__ = [
     "PluginHost",
     "PluginSettings",
     "ProposalMethod",
+    "TrainingOption",
+    "VllmServing",
     "get_host",
     "hookimpl",
     "hookspec",

@@ -2,16 +2,52 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from speculators_core.options import TrainingOption
+
 if TYPE_CHECKING:
     from speculators_core.config import SpeculatorModelConfig, TokenProposalConfig
+    from speculators_core.lint import Finding, LintContext
     from speculators_core.model import SpeculatorModel
 
-__all__ = ["Algorithm", "ConvertFunction", "Converter", "DetectFunction", "ProposalMethod"]
+__all__ = [
+    "Algorithm",
+    "ConvertFunction",
+    "Converter",
+    "DetectFunction",
+    "LintFunction",
+    "ProposalMethod",
+    "TrainingOption",
+    "VllmServing",
+]
+
+#: ``lint(context)`` returns (or yields) an algorithm's own findings about a speculator folder,
+#: in order; see :class:`speculators_core.lint.LintContext`.
+LintFunction = Callable[["LintContext"], Iterable["Finding"]]
+
+
+@dataclass(frozen=True)
+class VllmServing:
+    """How vLLM serves an algorithm's drafts (``speculators serve``, ``eval --engine vllm``).
+
+    * ``method``: vLLM's ``speculative_config["method"]`` for the draft (``"eagle3"``).
+    * ``speculative_config``: extra keys merged into vLLM's ``speculative_config`` after
+      ``method``, ``model`` and ``num_speculative_tokens`` (default: none), e.g.
+      ``{"draft_tensor_parallel_size": 1}``; JSON values only, since ``serve`` writes them into
+      ``--speculative-config``.
+    * ``export``: empty when vLLM reads the speculators folder itself. Otherwise vLLM serves
+      only an export of the folder, and this says how to make it (one imperative clause, e.g.
+      ``"export it with 'speculators hass export-vllm DIR OUT' and serve OUT"``): ``serve``,
+      ``eval --engine vllm`` and ``check`` refuse the speculators folder with it.
+    """
+
+    method: str
+    speculative_config: Mapping[str, Any] = field(default_factory=dict)
+    export: str = ""
 
 
 @dataclass(frozen=True)
@@ -21,7 +57,13 @@ class Algorithm:
     ``name`` is what checkpoints store as ``speculators_model_type`` and what users type
     (``speculators train --algorithm NAME``). ``config_class`` must declare
     ``speculators_model_type`` with that same name; ``model_class`` is the
-    :class:`~speculators_core.model.SpeculatorModel` subclass that implements it.
+    :class:`~speculators_core.model.SpeculatorModel` subclass that implements it. ``lint``
+    (its ``speculators check`` rules) and ``vllm`` (how vLLM serves it) are optional.
+
+    ``training_options`` lists the keyword options of ``model_class.from_verifier`` that users
+    may set (``speculators train --algo-opt NAME=VALUE``, ``algo_options`` of a config file, the
+    quickstart): the core refuses other names and converts each value to its declared type
+    before ``from_verifier`` sees it. Left empty, options are passed through unchecked.
     """
 
     name: str
@@ -30,6 +72,13 @@ class Algorithm:
     description: str = ""
     #: Filled in by the plugin host: "<distribution> <version>" of the plugin that registered it.
     provided_by: str = field(default="", compare=False)
+    #: The options ``from_verifier`` accepts, with their types, defaults and help.
+    training_options: Sequence[TrainingOption] = ()
+    #: The algorithm's own ``speculators check`` rules, run after the core's generic checks;
+    #: None: the generic checks only.
+    lint: LintFunction | None = field(default=None, compare=False)
+    #: How vLLM serves the algorithm; None: vLLM cannot serve it (``serve`` refuses).
+    vllm: VllmServing | None = None
 
 
 @dataclass(frozen=True)
@@ -44,8 +93,12 @@ class ProposalMethod:
 
 #: ``detect(source_folder, config_dict)`` returns True when the folder is in this converter's format.
 DetectFunction = Callable[[Path, dict[str, Any]], bool]
-#: ``convert(source, *, verifier, output, **options)`` writes a speculators-format folder at ``output``.
-ConvertFunction = Callable[..., None]
+#: ``convert(source, *, verifier, output, dtype, **options) -> ReferenceForward | None`` reads
+#: ``source`` and writes a speculators-format folder into ``output`` (an empty temporary folder
+#: the core renames into place); ``dtype`` is the floating-point ``torch.dtype`` to write (None:
+#: the source's own). It returns the source's own forward
+#: (:class:`~speculators_core.conversion.ReferenceForward`) for ``--validate``, or None.
+ConvertFunction = Callable[..., Any]
 
 
 @dataclass(frozen=True)
@@ -53,7 +106,10 @@ class Converter:
     """A converter from a third-party checkpoint layout into the speculators format.
 
     ``name`` is the value of ``speculators convert --from NAME``; ``algorithm`` is the
-    ``speculators_model_type`` the converted checkpoint has.
+    ``speculators_model_type`` the converted checkpoint has. A converter only reads and maps:
+    atomic output, ``--overwrite``, ``--dtype`` (checked on the result) and ``--validate``
+    (the converted draft's ``draft_logits`` against the returned reference forward, then
+    ``speculators check``) are done by the core, :func:`speculators_core.conversion.run_conversion`.
     """
 
     name: str

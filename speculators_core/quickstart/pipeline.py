@@ -30,11 +30,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from speculators_core.errors import SpeculatorsError
 from speculators_core.fsutil import atomic_directory, atomic_file
 from speculators_core.quickstart.settings import QuickstartSettings
+
+if TYPE_CHECKING:
+    from speculators_core.plugins.host import PluginHost
 
 __all__ = ["STATE_NAME", "QuickstartResult", "run_quickstart"]
 
@@ -357,7 +360,7 @@ def _run_config(
         data=str(store),
         output=str(run_dir),
         vocab=str(vocab),
-        algo_options={"ttt_steps": settings.ttt_steps, "speculative_tokens": settings.k},
+        algo_options=dict(settings.algo_options),
         training=training,
         resume=resume,
         overwrite=not resume,
@@ -459,7 +462,8 @@ def _train_stage(
     echo(
         f"[train] {settings.algorithm}: {max_steps} steps of {settings.train_seq_len}-token rows "
         f"(~{max_steps * step_s / 60:.1f} min at {step_s:.2f} s/step, {epochs:.1f} epochs), "
-        f"lr {settings.learning_rate:g} cosine, TTT {settings.ttt_steps}"
+        f"lr {settings.learning_rate:g} cosine; options "
+        + (", ".join(f"{k}={v}" for k, v in sorted(settings.algo_options.items())) or "none")
     )
     config = _run_config(
         settings,
@@ -503,6 +507,7 @@ def _eval_stage(
     verifier: Path,
     speculator: Path,
     echo: Echo,
+    host: PluginHost,
 ) -> list[dict[str, Any]]:
     if state.done("eval"):
         return list(state.stages["eval"]["results"])
@@ -515,11 +520,17 @@ def _eval_stage(
         k=settings.k, temperature=0.0, max_new_tokens=settings.eval_max_new_tokens, seed=0
     )
     results: list[dict[str, Any]] = []
-    if settings.vllm_eval and vllm_available():
+    serving = host.algorithm(settings.algorithm).vllm
+    servable = serving is not None and not serving.export  # vLLM reads the folder itself
+    if settings.vllm_eval and not servable:
+        echo(f"[eval] vLLM cannot serve algorithm '{settings.algorithm}': skipping vLLM")
+    elif settings.vllm_eval and vllm_available():
         echo(
             f"[eval] vLLM: {len(prompts)} held-out prompts, k={settings.k}, greedy, with and without the draft"
         )
-        results.append(evaluate_vllm(speculator, verifier, prompts, baseline=True, **common))  # type: ignore[arg-type]
+        results.append(
+            evaluate_vllm(speculator, verifier, prompts, baseline=True, host=host, **common)  # type: ignore[arg-type]
+        )
     elif settings.vllm_eval:
         echo("[eval] vLLM is not installed: skipping the vLLM measurement")
     if settings.reference_eval:
@@ -565,7 +576,9 @@ def run_quickstart(
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     out = Path(output).absolute()
     host = get_host()
-    host.algorithm(settings.algorithm)  # an unknown algorithm fails here, listing the installed
+    # An unknown algorithm fails here, listing the installed ones; so do unknown or mistyped
+    # algorithm options, before anything is written.
+    settings = settings.with_algorithm(host.algorithm(settings.algorithm))
     try:
         verifier = resolve_verifier_path(settings.verifier)
     except FileNotFoundError as err:
@@ -592,8 +605,10 @@ def run_quickstart(
     if not speculator.is_dir():
         with atomic_directory(speculator, overwrite=True) as tmp:
             shutil.copytree(final, tmp, dirs_exist_ok=True)
-    results = _eval_stage(state, settings, verifier, speculator, echo)
-    report = write_report(out, state.stages, settings, speculator, results, run_dir=out / "train")
+    results = _eval_stage(state, settings, verifier, speculator, echo, host)
+    report = write_report(
+        out, state.stages, settings, speculator, results, run_dir=out / "train", host=host
+    )
     state.finish("report", seconds=0.0, total_seconds=report["total_seconds"])
     command = str(report["serve_command"])  # built once, by the report
     return QuickstartResult(out, speculator, report, command)

@@ -5,21 +5,32 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from speculators_core.errors import SpeculatorsError
 from speculators_core.fsutil import atomic_file
 from speculators_core.quickstart.settings import QuickstartSettings
+
+if TYPE_CHECKING:
+    from speculators_core.plugins.host import PluginHost
 
 __all__ = ["plot_training", "serve_command", "training_curves", "write_report"]
 
 REPORT_NAME = "report.json"
 
 
-def serve_command(speculator: Path) -> str:
-    """The shell line that serves ``speculator`` with vLLM (the CPU settings included on a CPU)."""
+def serve_command(speculator: Path, host: PluginHost) -> str:
+    """The shell line that serves ``speculator`` with vLLM (the CPU settings included on a CPU).
+
+    The method comes from the algorithm's record in ``host``; when vLLM cannot serve the
+    algorithm, the line says so instead (the run itself is fine).
+    """
     from speculators_core.cli.serve import build_serve_command
 
-    return build_serve_command(speculator).shell()
+    try:
+        return build_serve_command(speculator, plugin_host=host).shell()
+    except SpeculatorsError as err:
+        return f"(no vllm serve command: {err})"
 
 
 def training_curves(run_dir: Path) -> dict[str, list[tuple[float, float]]]:
@@ -83,8 +94,12 @@ def write_report(
     results: list[dict[str, Any]],
     *,
     run_dir: Path,
+    host: PluginHost,
 ) -> dict[str, Any]:
-    """Write ``report.json`` and the two plots into ``out``; return the report."""
+    """Write ``report.json`` and the two plots into ``out``; return the report.
+
+    ``host`` is the plugin host that says how vLLM serves the algorithm (the serve line).
+    """
     from speculators_core.evaluate.plots import plot_acceptance
 
     curves = training_curves(run_dir)
@@ -107,7 +122,7 @@ def write_report(
         "evaluation": results,
         "mean_acceptance_length": headline["mean_acceptance_length"] if headline else None,
         "measured_by": headline["engine"] if headline else None,
-        "serve_command": serve_command(speculator),
+        "serve_command": serve_command(speculator, host),
     }
     with atomic_file(out / REPORT_NAME) as tmp:
         tmp.write_text(json.dumps(report, indent=2) + "\n")

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from speculators_core.errors import SpeculatorsError
+from speculators_core.options import resolve_training_options
+
+if TYPE_CHECKING:
+    from speculators_core.plugins.records import Algorithm
 
 __all__ = ["GENERATION_BACKENDS", "QuickstartSettings", "default_samples"]
 
@@ -56,9 +60,13 @@ class QuickstartSettings:
     seq_length: int = 1024
     #: Draft vocabulary: the most frequent supervised tokens of the training data.
     draft_vocab_size: int = 4096
-    #: Draft tokens per round, and TTT steps of EAGLE-3 training.
+    #: Draft tokens per round (served and evaluated); also the algorithm's ``speculative_tokens``
+    #: option when it declares one.
     k: int = 3
-    ttt_steps: int = 3
+    #: The algorithm's training options (names of ``Algorithm.training_options``, e.g.
+    #: ``{"ttt_steps": 3}`` for eagle3). :meth:`with_algorithm` checks and converts them and
+    #: adds the algorithm's declared defaults, so the recorded settings show every value used.
+    algo_options: dict[str, Any] = field(default_factory=dict)
     learning_rate: float = 1e-3
     #: Packed row length of training batches.
     train_seq_len: int = 2048
@@ -104,16 +112,31 @@ class QuickstartSettings:
             )
         if self.eval_reserve_minutes < 0:
             raise SpeculatorsError("--eval-reserve-minutes must be 0 or more")
-        if (
-            self.ttt_steps < 1
-            or self.eval_prompts < 1
-            or self.eval_max_new_tokens < 1
-            or self.reference_prompts < 1
-        ):
+        if self.eval_prompts < 1 or self.eval_max_new_tokens < 1 or self.reference_prompts < 1:
             raise SpeculatorsError(
-                "--ttt-steps, --eval-prompts, --eval-max-new-tokens and --reference-prompts "
-                "must be >= 1"
+                "--eval-prompts, --eval-max-new-tokens and --reference-prompts must be >= 1"
             )
+        if not isinstance(self.algo_options, dict):
+            raise SpeculatorsError(
+                f"algo_options must be a mapping of option names to values, not {self.algo_options!r}"
+            )
+
+    def with_algorithm(self, algorithm: Algorithm) -> QuickstartSettings:
+        """A copy whose ``algo_options`` are checked against ``algorithm``'s declared options
+        (an unknown name or a value of the wrong type is one-line error), converted, and
+        completed with the declared defaults; ``speculative_tokens`` defaults to :attr:`k` when
+        the algorithm declares it. An algorithm that declares no options gets the given ones."""
+        given = resolve_training_options(algorithm, self.algo_options)
+        declared = {option.name: option for option in algorithm.training_options}
+        if "speculative_tokens" in declared and given.get("speculative_tokens") is None:
+            # The draft records what the quickstart serves and evaluates.
+            given["speculative_tokens"] = self.k
+        defaults = {
+            name: option.default
+            for name, option in declared.items()
+            if option.default is not None and name not in given
+        }
+        return dataclasses.replace(self, algo_options={**defaults, **given})
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict of the fields."""

@@ -22,6 +22,7 @@ import torch
 
 from speculators_core.errors import SpeculatorsError
 from speculators_core.fsutil import atomic_file
+from speculators_core.options import resolve_training_options
 from speculators_core.train.arguments import TrainingArguments
 from speculators_core.train.distributed import DistributedContext
 from speculators_core.train.errors import DataError, ResumeError, TrainingConfigError
@@ -69,7 +70,8 @@ class RunConfig:
     vocab: str | None = None
     num_layers: int | None = None
     draft_vocab_size: int | None = None
-    #: The algorithm's own ``from_verifier`` options.
+    #: The algorithm's own ``from_verifier`` options (checked against, and converted to, the
+    #: types the algorithm declares in ``Algorithm.training_options`` by :func:`prepare_run`).
     algo_options: dict[str, Any] = field(default_factory=dict)
     training: TrainingArguments = field(default_factory=TrainingArguments)
     overwrite: bool = False
@@ -306,14 +308,19 @@ def prepare_run(
     """Check the run and build the draft, the data sources and the trainer (no training yet).
 
     Raises a one-line :class:`~speculators_core.errors.SpeculatorsError` for an unknown
-    algorithm, an output folder that exists (without ``overwrite``/``resume``), a missing or
-    corrupt store, a store made from another verifier, or hidden states the draft cannot use.
+    algorithm, an algorithm option it does not declare or of the wrong type, an output folder
+    that exists (without ``overwrite``/``resume``), a missing or corrupt store, a store made
+    from another verifier, or hidden states the draft cannot use.
     """
     if host is None:
         from speculators_core.plugins.host import get_host
 
         host = get_host()
     algorithm = host.algorithm(config.algorithm)  # lists the installed ones when unknown
+    # Unknown names and values of the wrong type fail here, before anything is read or written.
+    config = dataclasses.replace(
+        config, algo_options=resolve_training_options(algorithm, config.algo_options)
+    )
     _check_output(config)
     if not Path(config.verifier).is_dir():
         raise SpeculatorsError(

@@ -101,9 +101,11 @@ def test_the_import_walk_sees_function_level_imports():
     """The walk is not blind: config -> errors (module level) and loading's edges are seen."""
     graph = _import_graph()
     assert "speculators_core.errors" in graph["speculators_core.config"]
-    assert {"speculators_core.config", "speculators_core.model", "speculators_core.plugins.host"} <= (
-        graph["speculators_core.loading"]
-    )
+    assert {
+        "speculators_core.config",
+        "speculators_core.model",
+        "speculators_core.plugins.host",
+    } <= (graph["speculators_core.loading"])
     # A planted cycle is found.
     planted = {**graph, "speculators_core.errors": {"speculators_core.config"}}
     assert any("speculators_core.config" in c for c in _cycles(planted))

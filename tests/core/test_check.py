@@ -13,8 +13,28 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import save_file
 
-from speculators_core.check import check_checkpoint, read_tensor_infos
+from speculators_core import PluginHost, PluginSettings
+from speculators_core.check import CheckReport, read_tensor_infos
+from speculators_core.check import check_checkpoint as _check_checkpoint
 from speculators_core.cli.check import check_command
+
+# The EAGLE-3 rules live in the eagle3 plugin (and the 'eagle' serving rule in the hass plugin):
+# an isolated host holds both.
+eagle3_plugin = pytest.importorskip("speculators_eagle3.plugin")
+hass_plugin = pytest.importorskip("speculators_hass.plugin")
+HOST = PluginHost(
+    PluginSettings(),
+    entry_points=False,
+    plugins=[
+        ("speculators.algorithms:eagle3", eagle3_plugin),
+        ("speculators.algorithms:eagle", hass_plugin),
+    ],
+)
+
+
+def check_checkpoint(folder: Path, **options: Any) -> CheckReport:
+    return _check_checkpoint(folder, host=HOST, **options)
+
 
 # Sizes of the session's tiny verifier (tests/conftest.py: make_tiny_verifier defaults).
 V, H, HEADS, KV, HD, INTER, N_LAYERS, MAX_POS = 259, 64, 4, 2, 16, 128, 4, 512

@@ -7,15 +7,29 @@ import os
 import shlex
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from click.testing import CliRunner
 from safetensors.torch import save_file
 
+from speculators_core import PluginHost, PluginSettings
 from speculators_core.cli import serve as serve_module
-from speculators_core.cli.serve import build_serve_command, serve_command
+from speculators_core.cli.serve import ServeCommand, serve_command
+from speculators_core.cli.serve import build_serve_command as _build_serve_command
 from speculators_core.errors import SpeculatorsError
+
+# The eagle3 plugin's record says how vLLM serves these folders (method 'eagle3').
+eagle3_plugin = pytest.importorskip("speculators_eagle3.plugin")
+HOST = PluginHost(
+    PluginSettings(), entry_points=False, plugins=[("speculators.algorithms:eagle3", eagle3_plugin)]
+)
+
+
+def build_serve_command(folder: Path, **options: Any) -> ServeCommand:
+    return _build_serve_command(folder, plugin_host=HOST, **options)
+
 
 H, HEADS, KV, HD, INTER, V = 64, 4, 2, 16, 128, 259
 

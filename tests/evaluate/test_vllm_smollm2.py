@@ -18,6 +18,7 @@ from collections import Counter
 import pytest
 import torch
 
+from speculators_core import PluginHost
 from speculators_core.check import check_checkpoint
 from speculators_core.evaluate.vllm_env import vllm_available
 from speculators_core.evaluate.vllm_runner import VllmResult, run_vllm
@@ -60,7 +61,8 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict:
         )
         for q in QUESTIONS
     ]
-    options = dict(k=K, max_new_tokens=NEW_TOKENS, max_model_len=512)
+    # host: the installed plugins (the eagle3 record says how vLLM serves the draft).
+    options = dict(k=K, max_new_tokens=NEW_TOKENS, max_model_len=512, host=PluginHost())
     baseline = run_vllm(verifier, None, prompts, **options)
 
     model = AutoModelForCausalLM.from_pretrained(verifier, dtype=torch.float32).eval()
@@ -92,7 +94,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 
 def test_the_trained_draft_passes_check(run):
-    report = check_checkpoint(run["folder"])
+    report = check_checkpoint(run["folder"], host=PluginHost())
     assert report.findings == [], [str(f) for f in report.findings]
     assert report.verifier == run["verifier"]
 

@@ -14,6 +14,7 @@ from collections import Counter
 import pytest
 import torch
 
+from speculators_core import PluginHost
 from speculators_core.check import check_checkpoint
 from speculators_core.evaluate.vllm_env import vllm_available
 from speculators_core.evaluate.vllm_runner import VllmJob, VllmResult, run_vllm_jobs
@@ -94,6 +95,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
         max_new_tokens=NEW_TOKENS,
         ignore_eos=True,
         max_model_len=256,
+        host=PluginHost(),  # the installed plugins: the eagle3 record says how vLLM serves it
     )
     baseline, speculative, batch1, sampled = run_vllm_jobs(
         [
@@ -121,7 +123,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 
 def test_the_fitted_draft_passes_check(setup):
-    report = check_checkpoint(setup["draft"])
+    report = check_checkpoint(setup["draft"], host=PluginHost())
     assert report.findings == [], [str(f) for f in report.findings]
     assert setup["history"][-1]["full_acc_0"] > 0.5  # the fit worked (training metric)
 

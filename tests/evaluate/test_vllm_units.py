@@ -20,6 +20,7 @@ from speculators_core.evaluate.vllm_runner import (
     speculative_config,
 )
 from speculators_core.evaluate.vllm_worker import _difference, read_spec_decode_counters
+from speculators_core.plugins.records import VllmServing
 
 
 def ranges(ids: list[int]) -> str:
@@ -130,6 +131,15 @@ def _speculator(folder: Path, config: dict) -> Path:
     return folder
 
 
+def _host_serving(name: str, serving: VllmServing | None) -> SimpleNamespace:
+    """A stand-in plugin host whose only algorithm ``name`` is served by vLLM as ``serving``."""
+    record = SimpleNamespace(name=name, vllm=serving, provided_by="test-plugin 0.1")
+    return SimpleNamespace(algorithm=lambda kind: record)
+
+
+EAGLE3_HOST = _host_serving("eagle3", VllmServing(method="eagle3"))
+
+
 def test_draft_method_and_speculative_config(tmp_path):
     spec = _speculator(
         tmp_path / "s", {"speculators_model_type": "eagle3", "speculators_config": {}}
@@ -140,15 +150,18 @@ def test_draft_method_and_speculative_config(tmp_path):
     native1 = _speculator(
         tmp_path / "n1", {"architectures": ["LlamaForCausalLM"], "model_type": "llama"}
     )
-    assert [draft_method(p) for p in (spec, native3, native1)] == ["eagle3", "eagle3", "eagle"]
-    assert speculative_config(spec, 4) == {
+    methods = [draft_method(p, EAGLE3_HOST) for p in (spec, native3, native1)]  # type: ignore[arg-type]
+    assert methods == ["eagle3", "eagle3", "eagle"]
+    assert speculative_config(spec, 4, host=EAGLE3_HOST) == {  # type: ignore[arg-type]
         "method": "eagle3",
         "model": str(spec.resolve()),
         "num_speculative_tokens": 4,
     }
     assert speculative_config(native1, 2, method="eagle3")["method"] == "eagle3"
     with pytest.raises(VllmError, match="at least 1"):
-        speculative_config(spec, 0)
+        speculative_config(spec, 0, host=EAGLE3_HOST)  # type: ignore[arg-type]
+    with pytest.raises(VllmError, match="pass the plugin host"):
+        draft_method(spec)  # a speculators folder: the method comes from its algorithm's record
     with pytest.raises(VllmError, match=r"has no config\.json"):
         draft_method(tmp_path / "missing")
 
@@ -164,6 +177,7 @@ def test_job_request_cpu_and_gpu(tmp_path):
         seed=7,
         batch_size=1,
         max_model_len=256,
+        host=EAGLE3_HOST,  # type: ignore[arg-type]
     )
     cpu = vllm_runner._job_request(job, "cpu")
     assert cpu["engine"] == {

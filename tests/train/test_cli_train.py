@@ -12,6 +12,7 @@ from click.testing import CliRunner
 
 from speculators_core.cli.train import parse_algo_options, train_command
 from speculators_core.errors import SpeculatorsError, UnknownAlgorithmError
+from speculators_core.options import resolve_training_options
 from speculators_core.plugins.host import PluginHost
 from speculators_core.train import TrainingArguments, TrainingConfigError
 from speculators_core.train.launch import resolve_run_config
@@ -118,7 +119,7 @@ def test_config_errors_are_one_line():
         resolve_run_config({"lerning_rate": 1}, {}, {})
     with pytest.raises(TrainingConfigError, match="missing --verifier"):
         resolve_run_config({"algorithm": "a", "data": "d", "output": "o"}, {}, {})
-    with pytest.raises(TrainingConfigError, match="is not KEY=VALUE"):
+    with pytest.raises(SpeculatorsError, match="is not KEY=VALUE"):
         parse_algo_options(("ttt_steps",))
 
 
@@ -130,15 +131,14 @@ def test_trainer_hidden_state_noise_is_refused_with_its_replacement():
     assert TrainingArguments.from_dict({"output_dir": "out", "hidden_state_noise": 0.0})
 
 
-def test_algo_options_are_json_or_strings():
-    """Values parse as JSON when they can, else stay strings."""
-    assert parse_algo_options(("a=3", "b=[2, 4]", "c=true", "d=qwen3", "e-f=null")) == {
-        "a": 3,
-        "b": [2, 4],
-        "c": True,
-        "d": "qwen3",
-        "e_f": None,
-    }
+def test_algo_options_of_an_algorithm_without_declared_options_are_json_or_strings(
+    fixture_host,
+):
+    """With no declared options, values parse as JSON when they can, else stay strings."""
+    given = parse_algo_options(("a=3", "b=[2, 4]", "c=true", "d=qwen3", "e-f=null"))
+    assert given == {"a": "3", "b": "[2, 4]", "c": "true", "d": "qwen3", "e_f": "null"}
+    resolved = resolve_training_options(fixture_host.algorithm("fixture-mlp"), given)
+    assert resolved == {"a": 3, "b": [2, 4], "c": True, "d": "qwen3", "e_f": None}
 
 
 def _bad(result, error_type: type[BaseException], fragment: str) -> str:

@@ -124,7 +124,8 @@ def _source_tensors(sizes: dict[str, int]) -> dict[str, Any]:
 def _write_file(path: Path, thunks: dict[str, Any]) -> int:
     """Write tensors from ``thunks`` into one safetensors file, one tensor in memory at a time."""
     import torch
-    from speculators_converters.safetensors_io import StreamingSafetensorsWriter, TensorLayout
+
+    from speculators_core.safetensors_io import StreamingSafetensorsWriter, TensorLayout
 
     metas = {}
     for name, make in thunks.items():

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from speculators_converters.errors import ConversionError
 from speculators_core import GreedyTokenProposalConfig, SpeculatorsConfig, VerifierConfig
+from speculators_core.errors import ConversionError
 
 __all__ = [
     "LAYER_FIELDS",

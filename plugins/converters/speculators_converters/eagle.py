@@ -43,15 +43,16 @@ from speculators_converters.common import (
     peek_tensor_names,
     speculators_config,
 )
-from speculators_converters.errors import ConversionError
 from speculators_converters.source import SourceCheckpoint
-from speculators_converters.validate import LayerDims, eagle1_reference, validate_converted
+from speculators_converters.validate import LayerDims, eagle1_reference, source_forward
 from speculators_converters.writing import (
     expected_tensors,
     plan_tensors,
     resolve_output_dtype,
     write_speculator,
 )
+from speculators_core.conversion import ReferenceForward
+from speculators_core.errors import ConversionError
 
 __all__ = [
     "RESEARCH_HASS_NORMS",
@@ -70,7 +71,9 @@ RESEARCH_HASS_NORMS: dict[str, str] = {
 }
 _ROTARY = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
 _COMMON_OPTIONS = ("speculative_tokens", "verifier_name_or_path")
-_EXPORT_CODE = "speculators-model-type"  # check: 'eagle' is not served by vLLM directly
+# check findings expected for a converted 'eagle' folder: vLLM serves only its export, and a
+# draft with fusion_bias or layernorms cannot even be exported (the conversion is still right).
+_EXPORT_CODES = frozenset({"speculators-model-type", "eagle-not-exportable"})
 
 
 def _is_eagle3_config(config: dict[str, Any]) -> bool:
@@ -136,11 +139,9 @@ def convert_safeailab_eagle(
     *,
     verifier: str | os.PathLike[str],
     output: str | os.PathLike[str],
-    validate: bool = False,
-    dtype: str | None = None,
-    overwrite: bool = False,
+    dtype: torch.dtype | None = None,
     **options: Any,
-) -> None:
+) -> ReferenceForward:
     """Convert a SafeAILab EAGLE-1/2 or HASS checkpoint folder to the speculators ``eagle`` format.
 
     Options: ``speculative_tokens`` (default 3), ``verifier_name_or_path`` (recorded verifier;
@@ -195,7 +196,7 @@ def convert_safeailab_eagle(
         src, mapping, expected, dropped=dropped, float_dtype=out_dtype, describe=describe
     )
 
-    def check(folder: Path) -> None:
+    def reference_forward() -> ReferenceForward:
         get, has = _make_getter(src, out_dtype)
         dims = LayerDims.from_config(src.config)
 
@@ -220,13 +221,12 @@ def convert_safeailab_eagle(
                 lm_head_norm="lm_head_layernorm.weight" if research else None,
             )
 
-        validate_converted(
-            folder,
+        return source_forward(
             Path(verifier),
             reference,
             feature_width=info.hidden_size,
             vocab_size=info.vocab_size,
-            ignore_check_codes=frozenset({_EXPORT_CODE}),
+            expected_findings=_EXPORT_CODES,
         )
 
     write_speculator(
@@ -235,9 +235,8 @@ def convert_safeailab_eagle(
         model_class=EagleDraftModel,
         source=src,
         plans=plans,
-        overwrite=overwrite,
-        validate=check if validate else None,
     )
+    return reference_forward()
 
 
 def convert_speculators_eagle(
@@ -245,11 +244,9 @@ def convert_speculators_eagle(
     *,
     verifier: str | os.PathLike[str],
     output: str | os.PathLike[str],
-    validate: bool = False,
-    dtype: str | None = None,
-    overwrite: bool = False,
+    dtype: torch.dtype | None = None,
     **options: Any,
-) -> None:
+) -> ReferenceForward:
     """Rewrite an upstream ``speculators`` (v0.1-v0.6) ``eagle`` folder in the current format.
 
     Options: ``speculative_tokens`` (default: the source's), ``verifier_name_or_path``.
@@ -318,7 +315,7 @@ def convert_speculators_eagle(
         src, mapping, expected, dropped=dropped, float_dtype=out_dtype, describe=describe
     )
 
-    def check(folder: Path) -> None:
+    def reference_forward() -> ReferenceForward:
         get, has = _make_getter(src, out_dtype)
         dims = LayerDims.from_config(layer)
 
@@ -342,13 +339,12 @@ def convert_speculators_eagle(
                 lm_head_norm="pre_lm_head_layernorm.weight" if layernorms else None,
             )
 
-        validate_converted(
-            folder,
+        return source_forward(
             Path(verifier),
             reference,
             feature_width=info.hidden_size,
             vocab_size=info.vocab_size,
-            ignore_check_codes=frozenset({_EXPORT_CODE}),
+            expected_findings=_EXPORT_CODES,
         )
 
     write_speculator(
@@ -357,6 +353,5 @@ def convert_speculators_eagle(
         model_class=EagleDraftModel,
         source=src,
         plans=plans,
-        overwrite=overwrite,
-        validate=check if validate else None,
     )
+    return reference_forward()

@@ -33,9 +33,8 @@ from speculators_converters.common import (
     peek_tensor_names,
     speculators_config,
 )
-from speculators_converters.errors import ConversionError
 from speculators_converters.source import SourceCheckpoint
-from speculators_converters.validate import LayerDims, eagle3_reference, validate_converted
+from speculators_converters.validate import LayerDims, eagle3_reference, source_forward
 from speculators_converters.writing import (
     expected_tensors,
     plan_tensors,
@@ -43,6 +42,8 @@ from speculators_converters.writing import (
     write_speculator,
 )
 from speculators_core import check_vocab_mapping
+from speculators_core.conversion import ReferenceForward
+from speculators_core.errors import ConversionError
 
 __all__ = [
     "convert_safeailab_eagle3",
@@ -144,12 +145,10 @@ def _write(
     verifier: str | os.PathLike[str],
     output: str | os.PathLike[str],
     layer_prefix: str,
-    dtype: str | None,
-    overwrite: bool,
-    validate: bool,
+    dtype: torch.dtype | None,
     describe: str,
     dims: LayerDims,
-) -> None:
+) -> ReferenceForward:
     """Map, check, write and (optionally) validate an EAGLE-3 conversion."""
     expected = expected_tensors(Eagle3DraftModel, config)
     mapping: dict[str, str] = {}
@@ -177,7 +176,7 @@ def _write(
     num_layers = int(config.layer_config.num_hidden_layers)
     layers = [layer_prefix.rstrip(".")] + [f"layers.{i}" for i in range(1, num_layers)]
 
-    def check(folder: Path) -> None:
+    def reference_forward() -> ReferenceForward:
         @functools.cache
         def get(name: str) -> torch.Tensor:
             tensor = src.read(name)
@@ -204,8 +203,7 @@ def _write(
                 fc_norm=config.num_aux_states if config.fc_norm else 0,
             )
 
-        validate_converted(
-            folder,
+        return source_forward(
             Path(verifier),
             reference,
             feature_width=config.num_aux_states * config.aux_hidden_size,
@@ -218,9 +216,8 @@ def _write(
         model_class=Eagle3DraftModel,
         source=src,
         plans=plans,
-        overwrite=overwrite,
-        validate=check if validate else None,
     )
+    return reference_forward()
 
 
 def convert_safeailab_eagle3(
@@ -228,11 +225,9 @@ def convert_safeailab_eagle3(
     *,
     verifier: str | os.PathLike[str],
     output: str | os.PathLike[str],
-    validate: bool = False,
-    dtype: str | None = None,
-    overwrite: bool = False,
+    dtype: torch.dtype | None = None,
     **options: Any,
-) -> None:
+) -> ReferenceForward:
     """Convert a SafeAILab EAGLE-3 checkpoint folder to the speculators ``eagle3`` format.
 
     Options: ``norm_before_residual``/``norm_before_fc``/``fc_norm``/``norm_output`` (OR-ed with
@@ -295,7 +290,7 @@ def convert_safeailab_eagle3(
         ),
         **flags,
     )
-    _write(
+    return _write(
         src,
         config,
         info=info,
@@ -303,8 +298,6 @@ def convert_safeailab_eagle3(
         output=output,
         layer_prefix=layer_prefix,
         dtype=dtype,
-        overwrite=overwrite,
-        validate=validate,
         describe=describe,
         dims=LayerDims.from_config(cfg),
     )
@@ -315,11 +308,9 @@ def convert_speculators_eagle3(
     *,
     verifier: str | os.PathLike[str],
     output: str | os.PathLike[str],
-    validate: bool = False,
-    dtype: str | None = None,
-    overwrite: bool = False,
+    dtype: torch.dtype | None = None,
     **options: Any,
-) -> None:
+) -> ReferenceForward:
     """Rewrite an upstream ``speculators`` ``eagle3`` folder (any version) in the current format.
 
     Options as :func:`convert_safeailab_eagle3`; defaults come from the source config (a
@@ -383,7 +374,7 @@ def convert_speculators_eagle3(
         ),
         **flags,
     )
-    _write(
+    return _write(
         src,
         config,
         info=info,
@@ -391,8 +382,6 @@ def convert_speculators_eagle3(
         output=output,
         layer_prefix="layers.0.",
         dtype=dtype,
-        overwrite=overwrite,
-        validate=validate,
         describe=describe,
         dims=LayerDims.from_config(fields),
     )

@@ -25,8 +25,8 @@ from typing import Any
 
 import torch
 
-from speculators_converters.errors import ConversionError
-from speculators_converters.safetensors_io import (
+from speculators_core.errors import ConversionError
+from speculators_core.safetensors_io import (
     CHUNK_BYTES,
     HeaderEntry,
     read_chunks,

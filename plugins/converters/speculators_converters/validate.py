@@ -6,14 +6,15 @@ shares no code with the target model classes. On random token ids and random ver
 both give one draft step's logits over the verifier vocabulary (EAGLE-3: draft logits scattered
 to the verifier ids through ``d2t``, ``-inf`` elsewhere); they must agree within a tolerance
 (the converted draft runs in float32, the reference in float64, both from the same stored
-values). Then :func:`speculators_core.check.check_checkpoint` lints the output against the
-verifier.
+values). The comparison, the reload and the lint belong to the core
+(:mod:`speculators_core.conversion`); converters return :func:`source_forward`.
 
 Validation reads every tensor whole (memory ~ the checkpoint); the conversion itself does not.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -23,16 +24,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from speculators_converters.errors import ConversionError
+from speculators_core.conversion import ReferenceForward
+from speculators_core.errors import ConversionError
 
-__all__ = [
-    "LayerDims",
-    "ValidationResult",
-    "converted_logits",
-    "eagle1_reference",
-    "eagle3_reference",
-    "validate_converted",
-]
+__all__ = ["LayerDims", "eagle1_reference", "eagle3_reference", "source_forward"]
 
 logger = logging.getLogger(__name__)
 
@@ -284,129 +279,33 @@ def eagle3_reference(
 
 
 # ------------------------------------------------------------------------------------------------
-# The converted draft, through its own classes
+# What the converter returns: the source's forward, for the core's --validate
 # ------------------------------------------------------------------------------------------------
 
 
-def converted_logits(model: Any, input_ids: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
-    """One draft step of a converted ``eagle``/``eagle3`` model: logits ``[B, T, V]`` (float64)."""
-    from speculators_core.modeling import KVCache
-
-    batch, length = input_ids.shape
-    positions = torch.arange(length).expand(batch, length)
-    mask = torch.ones(length, length, dtype=torch.bool).tril()[None, None].expand(batch, 1, -1, -1)
-    kind = model.config.speculators_model_type
-    dtype = next(model.parameters()).dtype
-    with torch.no_grad():
-        if kind == "eagle3":
-            feature = model.combine_aux(features.to(dtype))
-            h = model.decode(
-                input_ids,
-                feature,
-                positions,
-                cache=KVCache(len(model.layers)),
-                mask=mask,
-                implementation="eager",
-            )
-            draft_logits, _ = model.head(h)
-            vocab = model.config.verifier_vocab_size
-            full = torch.full((batch, length, vocab), float("-inf"), dtype=torch.float64)
-            full[..., model.draft_to_target_ids()] = draft_logits.double()
-            return full
-        h = model.decode(
-            input_ids,
-            features.to(dtype),
-            positions,
-            cache=KVCache(1),
-            mask=mask,
-            implementation="eager",
-        )
-        return model.head(h).double()
-
-
-@dataclass(frozen=True)
-class ValidationResult:
-    """How closely the converted draft reproduced the source's logits."""
-
-    max_abs_diff: float
-    scale: float
-    tolerance: float
-    argmax_agreement: float
-
-
-def _compare(reference: torch.Tensor, converted: torch.Tensor) -> ValidationResult:
-    finite_ref, finite_conv = torch.isfinite(reference), torch.isfinite(converted)
-    if not torch.equal(finite_ref, finite_conv):
-        raise ConversionError(
-            "validation failed: the converted draft proposes other verifier tokens "
-            "than the source (its d2t vocabulary mapping differs); check the source's d2t/t2d"
-        )
-    ref, conv = reference[finite_ref], converted[finite_ref]
-    scale = float(ref.abs().max()) if ref.numel() else 0.0
-    diff = float((ref - conv).abs().max()) if ref.numel() else 0.0
-    tolerance = 1e-3 * max(1.0, scale)
-    agreement = float((reference.argmax(-1) == converted.argmax(-1)).double().mean())
-    result = ValidationResult(diff, scale, tolerance, agreement)
-    if not diff <= tolerance:
-        raise ConversionError(
-            "validation failed: the converted draft's logits differ from the "
-            f"source's forward by up to {diff:.3g} (largest logit {scale:.3g}, tolerance "
-            f"{tolerance:.3g}); the conversion does not reproduce this checkpoint"
-        )
-    return result
-
-
-def validate_converted(
-    folder: Path,
+def source_forward(
     verifier: Path,
     reference: Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor],
     *,
     feature_width: int,
     vocab_size: int,
-    ignore_check_codes: frozenset[str] = frozenset(),
-    seed: int = 0,
-) -> ValidationResult:
-    """Reload ``folder`` through ``SpeculatorModel.from_pretrained``, compare, then lint it.
+    expected_findings: frozenset[str] = frozenset(),
+) -> ReferenceForward:
+    """Wrap ``reference(input_ids, features, verifier_parts)`` as the core's ReferenceForward.
 
-    ``reference(input_ids, features, verifier_parts)`` is the source's forward; ``features``
-    are random ``[2, 7, feature_width]``. ``ignore_check_codes`` are ``speculators check``
-    finding codes that are expected for this output (an ``eagle`` folder is never served by
-    vLLM directly, for one).
+    The verifier's embedding and LM head (which drafts share with the verifier) are read only
+    when the core actually validates.
     """
-    from transformers.utils import logging as hf_logging
 
-    from speculators_core import load_speculator
-    from speculators_core.check import check_checkpoint
-    from speculators_core.modeling import load_verifier_parts
+    @functools.cache
+    def parts() -> Any:
+        from speculators_core.modeling import load_verifier_parts
 
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # validation is one step of the command: stay quiet
-    try:
-        model = load_speculator(folder, verifier=verifier, dtype=torch.float32)
-    except Exception as err:
-        raise ConversionError(
-            f"validation failed: the converted folder does not reload through "
-            f"SpeculatorModel.from_pretrained ({type(err).__name__}: {err})"
-        ) from err
-    finally:
-        if bars:
-            hf_logging.enable_progress_bar()
-    model.eval()
-    generator = torch.Generator().manual_seed(seed)
-    input_ids = torch.randint(0, vocab_size, (2, 7), generator=generator)
-    features = torch.randn(2, 7, feature_width, generator=generator, dtype=torch.float64)
-    parts = load_verifier_parts(verifier)
-    expected = reference(input_ids, features, parts)
-    got = converted_logits(model, input_ids, features)
-    result = _compare(expected, got)
-    report = check_checkpoint(folder, verifier=verifier)
-    problems = [f for f in report.findings if f.code not in ignore_check_codes]
-    if problems:
-        raise ConversionError(f"validation failed: speculators check: {problems[0]}")
-    logger.info(
-        "validated: max |logit difference| %.3g (tolerance %.3g), argmax agreement %.3f",
-        result.max_abs_diff,
-        result.tolerance,
-        result.argmax_agreement,
+        return load_verifier_parts(verifier)
+
+    return ReferenceForward(
+        forward=lambda ids, features: reference(ids, features, parts()),
+        feature_width=feature_width,
+        vocab_size=vocab_size,
+        expected_findings=expected_findings,
     )
-    return result

@@ -13,22 +13,19 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from speculators_converters.errors import ConversionError
-from speculators_converters.safetensors_io import StreamingSafetensorsWriter, TensorLayout
 from speculators_converters.source import SourceCheckpoint
 from speculators_core import SpeculatorModel, SpeculatorModelConfig
-from speculators_core.fsutil import atomic_directory
+from speculators_core.errors import ConversionError
+from speculators_core.safetensors_io import StreamingSafetensorsWriter, TensorLayout
 
 __all__ = [
-    "FLOAT_DTYPES",
     "TensorPlan",
     "expected_tensors",
     "plan_tensors",
@@ -37,13 +34,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-#: ``--dtype`` names and the torch dtypes they select.
-FLOAT_DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-}
 
 
 @dataclass(frozen=True)
@@ -71,19 +61,16 @@ def expected_tensors(
 
 
 def resolve_output_dtype(
-    source: SourceCheckpoint, requested: str | None, names: list[str]
+    source: SourceCheckpoint, requested: torch.dtype | None, names: list[str]
 ) -> torch.dtype:
-    """The floating-point dtype of the output: ``requested``, else the source's own.
+    """The floating-point dtype of the output: ``requested`` (the core's ``--dtype``), else
+    the source's own.
 
     The source's own is the one dtype its float tensors (among ``names``) share; a source with
     mixed float dtypes keeps the dtype of its largest tensor.
     """
     if requested is not None:
-        if requested not in FLOAT_DTYPES:
-            raise ConversionError(
-                f"dtype '{requested}' is not supported; use one of {', '.join(FLOAT_DTYPES)}"
-            )
-        return FLOAT_DTYPES[requested]
+        return requested
     floats = [source.tensors[n] for n in names if source.tensors[n].dtype.is_floating_point]
     if not floats:
         return torch.float32
@@ -200,25 +187,17 @@ def write_speculator(
     model_class: type[SpeculatorModel],
     source: SourceCheckpoint,
     plans: list[TensorPlan],
-    overwrite: bool = False,
-    validate: Callable[[Path], Any] | None = None,
 ) -> Path:
-    """Write ``config.json`` and ``model.safetensors`` to ``output`` atomically.
+    """Write ``config.json`` and ``model.safetensors`` into the folder ``output``.
 
-    ``validate(temp_folder)`` runs on the finished temporary folder before it is renamed into
-    place; if it raises, nothing is left behind.
+    ``output`` is the temporary folder the core's conversion gives the converter (the core
+    renames it into place once the conversion and any validation passed).
     """
     output = Path(output)
     config.architectures = [model_class.__name__]
     float_dtypes = {p.dtype for p in plans if p.dtype.is_floating_point}
     if len(float_dtypes) == 1:
         config.dtype = str(float_dtypes.pop()).removeprefix("torch.")
-    try:
-        with atomic_directory(output, overwrite=overwrite) as tmp:
-            config.save_pretrained(tmp)
-            _write_weights(tmp / "model.safetensors", source, plans)
-            if validate is not None:
-                validate(tmp)
-    except FileExistsError as err:
-        raise ConversionError(f"{err}; pass --overwrite to replace it") from err
+    config.save_pretrained(output)
+    _write_weights(output / "model.safetensors", source, plans)
     return output

@@ -22,6 +22,7 @@ from speculators_hass import EagleDraftModel
 
 from speculators_core import get_host, load_speculator
 from speculators_core.cli.convert import detect_format
+from speculators_core.conversion import run_conversion
 
 
 def _eagle1_name(name: str) -> str | None:
@@ -141,7 +142,9 @@ def _convert(
     converters = get_host().converters()
     detected = detect_format(tmp_path / "src", converters)
     assert detected.name == name
-    detected.convert(tmp_path / "src", verifier=verifier, output=tmp_path / "out", validate=True)
+    run_conversion(
+        detected, tmp_path / "src", verifier=verifier, output=tmp_path / "out", validate=True
+    )
     return tmp_path / "out", tensors
 
 
@@ -187,12 +190,15 @@ def test_every_file_layout_is_read(
 def test_dtype_is_kept_unless_asked(tmp_path: Path, tiny_verifier: Path) -> None:
     """A bfloat16 source stays bfloat16; --dtype float32 casts floats, never d2t/t2d."""
     make_safeailab_eagle3(tmp_path / "src", tiny_verifier, dtype=torch.bfloat16)
-    convert = get_host().converters()["safeailab-eagle3"].convert
-    convert(tmp_path / "src", verifier=tiny_verifier, output=tmp_path / "kept", validate=True)
+    converter = get_host().converters()["safeailab-eagle3"]
+    run_conversion(
+        converter, tmp_path / "src", verifier=tiny_verifier, output=tmp_path / "kept", validate=True
+    )
     kept = load_file(str(tmp_path / "kept" / "model.safetensors"))
     assert kept["fc.weight"].dtype == torch.bfloat16
     assert json.loads((tmp_path / "kept" / "config.json").read_text())["dtype"] == "bfloat16"
-    convert(
+    run_conversion(
+        converter,
         tmp_path / "src",
         verifier=tiny_verifier,
         output=tmp_path / "f32",
@@ -207,17 +213,20 @@ def test_dtype_is_kept_unless_asked(tmp_path: Path, tiny_verifier: Path) -> None
 
 def test_options_change_the_written_config(tmp_path: Path, tiny_verifier: Path) -> None:
     """Converter options land in the config; unknown options are refused."""
-    from speculators_converters import ConversionError
+    from speculators_core.errors import ConversionError
 
     make_safeailab_eagle3(tmp_path / "src", tiny_verifier)
-    convert = get_host().converters()["safeailab-eagle3"].convert
-    convert(
+    converter = get_host().converters()["safeailab-eagle3"]
+    run_conversion(
+        converter,
         tmp_path / "src",
         verifier=tiny_verifier,
         output=tmp_path / "out",
-        eagle_aux_hidden_state_layer_ids=[1, 3, 6],
-        norm_before_residual=True,
-        speculative_tokens=5,
+        options={
+            "eagle_aux_hidden_state_layer_ids": [1, 3, 6],
+            "norm_before_residual": True,
+            "speculative_tokens": 5,
+        },
         validate=True,
     )
     config = json.loads((tmp_path / "out" / "config.json").read_text())
@@ -225,7 +234,13 @@ def test_options_change_the_written_config(tmp_path: Path, tiny_verifier: Path) 
     assert config["norm_before_residual"] is True
     assert config["speculators_config"]["proposal_methods"][0]["speculative_tokens"] == 5
     with pytest.raises(ConversionError, match="no option 'layernorms'"):
-        convert(tmp_path / "src", verifier=tiny_verifier, output=tmp_path / "x", layernorms=True)
+        run_conversion(
+            converter,
+            tmp_path / "src",
+            verifier=tiny_verifier,
+            output=tmp_path / "x",
+            options={"layernorms": True},
+        )
     assert not (tmp_path / "x").exists()
 
 

@@ -16,7 +16,8 @@ from typing import Any
 import pytest
 from converter_helpers import make_safeailab_eagle, make_safeailab_eagle3
 
-from speculators_core import get_host
+from speculators_core import PluginHost, get_host
+from speculators_core.conversion import run_conversion
 from speculators_core.evaluate.vllm_env import vllm_available
 from speculators_core.evaluate.vllm_runner import VllmJob, run_vllm_jobs
 
@@ -45,17 +46,21 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     folder = tmp_path_factory.mktemp("convert-vllm")
     converters = get_host().converters()
     make_safeailab_eagle3(folder / "eagle3-src", verifier, draft_vocab=4096, kind="bin")
-    converters["safeailab-eagle3"].convert(
+    run_conversion(
+        converters["safeailab-eagle3"],
         folder / "eagle3-src",
         verifier=verifier,
         output=folder / "eagle3",
         validate=True,
-        eagle_aux_hidden_state_layer_ids=[2, 15, 27],
-        speculative_tokens=K,
+        options={"eagle_aux_hidden_state_layer_ids": [2, 15, 27], "speculative_tokens": K},
     )
     make_safeailab_eagle(folder / "eagle1-src", verifier, kind="safetensors-sharded")
-    converters["safeailab-eagle"].convert(
-        folder / "eagle1-src", verifier=verifier, output=folder / "eagle1", validate=True
+    run_conversion(
+        converters["safeailab-eagle"],
+        folder / "eagle1-src",
+        verifier=verifier,
+        output=folder / "eagle1",
+        validate=True,
     )
     exported = export_vllm_eagle(folder / "eagle1", folder / "eagle1-vllm")
 
@@ -74,6 +79,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         "k": K,
         "max_new_tokens": NEW_TOKENS,
         "max_model_len": 256,
+        "host": PluginHost(),  # the eagle3 record says how vLLM serves the converted folder
     }
     baseline, eagle3, eagle1 = run_vllm_jobs(
         [

@@ -7,15 +7,16 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from speculators_converters import (
-    ConversionError,
-    SourceCheckpoint,
-    StreamingSafetensorsWriter,
-    TensorLayout,
-)
-from speculators_converters.safetensors_io import read_chunks, read_header
+from speculators_converters import SourceCheckpoint
 
 from speculators_core import get_host
+from speculators_core.errors import ConversionError
+from speculators_core.safetensors_io import (
+    StreamingSafetensorsWriter,
+    TensorLayout,
+    read_chunks,
+    read_header,
+)
 
 
 def _tensors() -> dict[str, torch.Tensor]:

@@ -12,7 +12,8 @@ At TTT step ``s`` the draft's logits at aligned index ``t`` predict the token th
   true. ``full_acc_s`` = fraction of valid positions with ``chain_s`` (the chance that ``s + 1``
   drafted tokens are all accepted); ``cond_acc_s`` = the same among positions whose chain
   survived step ``s - 1`` (acceptance of draft ``s`` given the earlier ones were accepted).
-* ``est_accept_len = 1 + sum_s full_acc_s`` (accepted drafts plus the verifier's own token).
+* ``est_accept_len = 1 + sum_s full_acc_s`` (accepted drafts plus the verifier's own token) is
+  derived from these by the core (``speculators_core.train.metrics.derive_metrics``), not here.
 
 How it is computed (the same numbers, less work): :func:`plan_ttt_loss` lists, once per
 batch, the positions each step reads (:class:`TTTLossPlan`), so the model computes draft
@@ -167,7 +168,6 @@ def ttt_loss_rows(
     target_probs = target_log_probs.exp()
     target_ids = target_logits.argmax(dim=-1)  # [U]
     chain = torch.ones_like(plan.valid[0])  # [B*T]: correct at every step so far
-    accept_len = torch.ones((), device=device)
     first_count = torch.zeros((), device=device)
     for step, logits in enumerate(step_logits):
         rows, index, valid = plan.rows[step], plan.target_index[step], plan.valid[step]
@@ -190,11 +190,8 @@ def ttt_loss_rows(
             weights[f"loss_{step}"] = count
             weights[f"full_acc_{step}"] = count
             weights[f"cond_acc_{step}"] = cond_total
-            accept_len = accept_len + full_acc
             if step == 0:
                 first_count = count
     metrics["loss"] = total.detach()
-    metrics["est_accept_len"] = accept_len.float()
     weights["loss"] = first_count
-    weights["est_accept_len"] = first_count
     return TrainingStepOutput(loss=total, metrics=metrics, weights=weights)

@@ -298,6 +298,34 @@ class Eagle3DraftModel(HiddenStateDraftModel):
         normed = self.norm(h)
         return self.lm_head(normed), (normed if self.config.norm_output else h)
 
+    def draft_logits(self, input_ids: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """One draft step over whole sequences, over the verifier vocabulary (float64).
+
+        ``features`` ``[B, T, n*Ht]`` are the aux states; tokens outside the draft vocabulary
+        get ``-inf``.
+        """
+        batch, length = input_ids.shape
+        positions = torch.arange(length).expand(batch, length)
+        causal = torch.ones(length, length, dtype=torch.bool).tril()
+        mask = causal[None, None].expand(batch, 1, -1, -1)  # [B, 1, T, T]
+        dtype = next(self.parameters()).dtype
+        with torch.no_grad():
+            feature = self.combine_aux(features.to(dtype))  # [B, T, H]
+            h = self.decode(
+                input_ids,
+                feature,
+                positions,
+                cache=KVCache(len(self.layers)),
+                mask=mask,
+                implementation="eager",
+            )
+            logits, _ = self.head(h)  # [B, T, Vd]
+        full = torch.full(
+            (batch, length, self.config.verifier_vocab_size), float("-inf"), dtype=torch.float64
+        )
+        full[..., self.draft_to_target_ids()] = logits.double()
+        return full
+
     def ttt_forward(
         self,
         aux_hidden_states: torch.Tensor,  # [B, T, n*Ht], aligned (g_t at index t)

@@ -4,19 +4,93 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from speculators_core import Algorithm, hookimpl
-from speculators_eagle3.config import Eagle3SpeculatorConfig
+from speculators_core import Algorithm, TrainingOption, VllmServing, hookimpl
+from speculators_core.modeling import ATTENTION_IMPLEMENTATIONS
+from speculators_core.options import int_list, python_value
+from speculators_eagle3.config import DRAFT_LAYER_TYPES, Eagle3SpeculatorConfig
+from speculators_eagle3.lint import lint_eagle3
 from speculators_eagle3.model import Eagle3DraftModel
+
+__all__ = ["TRAINING_OPTIONS", "speculators_register_algorithms"]
+
+#: The keyword options of :meth:`Eagle3DraftModel.from_verifier`, defaults included (a test
+#: checks that the two agree).
+TRAINING_OPTIONS: tuple[TrainingOption, ...] = (
+    TrainingOption("num_layers", int, 1, "Draft decoder layers (layer 0 takes the 2H input)."),
+    TrainingOption(
+        "draft_vocab_size",
+        int,
+        None,
+        "Draft vocabulary size; unset keeps the verifier's (needs token_counts or d2t/t2d, "
+        "which --vocab provides).",
+    ),
+    TrainingOption(
+        "token_counts",
+        python_value,
+        None,
+        "Token id -> count (mapping or [V] tensor) picking the draft vocabulary; set by --vocab.",
+    ),
+    TrainingOption("d2t", python_value, None, "Draft-to-target id offsets [Vd]; set by --vocab."),
+    TrainingOption("t2d", python_value, None, "Target-in-draft mask [V]; set by --vocab."),
+    TrainingOption(
+        "aux_layer_ids",
+        int_list,
+        None,
+        "Verifier layers feeding fc, e.g. [2,15,27] (unset: [2, N//2, N-3]).",
+    ),
+    TrainingOption("norm_before_residual", bool, True, "Config field norm_before_residual."),
+    TrainingOption("norm_before_fc", bool, False, "Config field norm_before_fc."),
+    TrainingOption("fc_norm", bool, False, "Config field fc_norm."),
+    TrainingOption("norm_output", bool, False, "Config field norm_output."),
+    TrainingOption(
+        "layer_type", str, "llama", "Draft decoder layer kind.", choices=DRAFT_LAYER_TYPES
+    ),
+    TrainingOption(
+        "embed_requires_grad", bool, False, "Train the embedding (copied from the verifier)."
+    ),
+    TrainingOption("train_lm_head", bool, False, "Train the draft LM head."),
+    TrainingOption("ttt_steps", int, 3, "Training-time-test steps (draft tokens trained)."),
+    TrainingOption(
+        "ttt_step_loss_decay", float, 1.0, "Loss weight gamma**s of TTT step s, in (0, 1]."
+    ),
+    TrainingOption(
+        "noise_std", float, 0.05, "Std of the noise added to verifier features in training."
+    ),
+    TrainingOption(
+        "speculative_tokens",
+        int,
+        None,
+        "Draft tokens per round the greedy proposal records (vLLM's num_speculative_tokens); "
+        "unset: ttt_steps.",
+    ),
+    TrainingOption(
+        "verifier_name_or_path",
+        str,
+        None,
+        "What the config records as the verifier (unset: the verifier folder's absolute path).",
+    ),
+    TrainingOption(
+        "attn_implementation",
+        str,
+        "auto",
+        "Attention kernel in training (auto: flex on CUDA, else sdpa).",
+        choices=("auto", *ATTENTION_IMPLEMENTATIONS),
+    ),
+)
 
 
 @hookimpl
 def speculators_register_algorithms() -> Sequence[Algorithm]:
-    """The ``eagle3`` algorithm: config and model classes."""
+    """The ``eagle3`` algorithm: classes, training options, check rules, vLLM serving."""
     return [
         Algorithm(
             name="eagle3",
             config_class=Eagle3SpeculatorConfig,
             model_class=Eagle3DraftModel,
             description="EAGLE-3: multi-layer verifier features, training-time test, draft vocabulary",
+            training_options=TRAINING_OPTIONS,
+            lint=lint_eagle3,
+            # vLLM reads speculators-format eagle3 folders itself (FORMAT.md 2.1).
+            vllm=VllmServing(method="eagle3"),
         )
     ]

@@ -10,6 +10,7 @@ from speculators_eagle3.alignment import align_batch
 from speculators_eagle3.loss import ttt_loss
 
 from speculators_core.modeling import shift_left
+from speculators_core.train.metrics import derive_metrics
 
 
 def unshifted_batch() -> dict[str, torch.Tensor]:
@@ -127,7 +128,7 @@ def test_ttt_loss_matches_plain_loop(decay: float) -> None:
         noise = torch.randn(rows, length, vocab, generator=generator) * 3
         keep = torch.rand(rows, length, 1, generator=generator) < 0.8
         step_logits.append(torch.where(keep, agree, noise))
-    out = ttt_loss(step_logits, targets, docs, mask, step_loss_decay=decay)
+    out = derive_metrics(ttt_loss(step_logits, targets, docs, mask, step_loss_decay=decay))
     expected = plain_loop_loss(step_logits, targets, docs, mask, decay)
     assert 0 < expected["full_acc_2"] < expected["full_acc_0"] < 1  # a meaningful case
     for key in ["loss", "est_accept_len"] + [
@@ -140,6 +141,26 @@ def test_ttt_loss_matches_plain_loop(decay: float) -> None:
         assert int(out.weights[f"full_acc_{s}"]) == expected[f"count_{s}"]
         assert int(out.weights[f"cond_acc_{s}"]) == expected[f"survived_{s}"]
     assert int(out.weights["loss"]) == expected["count_0"]
+    assert int(out.weights["est_accept_len"]) == expected["count_0"]
+
+
+def test_core_est_accept_len_is_what_eagle3_reported_before() -> None:
+    """The core's est_accept_len is bit-identical to the plugin's former in-loss sum."""
+    generator = torch.Generator().manual_seed(3)
+    aligned = align_batch(**unshifted_batch())
+    targets = torch.randn(2, 10, 7, generator=generator)
+    step_logits = [
+        shift_left(targets, s) + torch.randn(2, 10, 7, generator=generator) for s in range(4)
+    ]
+    out = ttt_loss(step_logits, targets, aligned.document_ids, aligned.loss_mask)
+    assert "est_accept_len" not in out.metrics  # the plugin leaves it to the core
+    # What ttt_loss_rows computed until the core took it over: a float32 running sum from 1.
+    before = torch.ones(())
+    for step in range(4):
+        before = before + out.metrics[f"full_acc_{step}"]
+    derived = derive_metrics(out)
+    assert torch.equal(derived.metrics["est_accept_len"], before.float())
+    assert torch.equal(derived.weights["est_accept_len"], out.weights["full_acc_0"])
 
 
 def test_ttt_loss_backpropagates_and_handles_empty_masks() -> None:

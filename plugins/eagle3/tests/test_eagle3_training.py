@@ -9,6 +9,8 @@ import torch
 from eagle3_helpers import AUX_IDS, pack_rows, random_samples
 from speculators_eagle3 import Eagle3DraftModel
 
+from speculators_core.train.metrics import derive_metrics
+
 
 def test_training_lowers_held_out_loss_and_raises_step0_accuracy(
     tiny_verifier: Path, verifier_model: Any
@@ -32,7 +34,7 @@ def test_training_lowers_held_out_loss_and_raises_step0_accuracy(
     def evaluate() -> dict[str, float]:
         model.eval()
         with torch.no_grad():
-            metrics = model.training_step(held_out).metrics
+            metrics = derive_metrics(model.training_step(held_out)).metrics
         model.train()
         return {key: value.item() for key, value in metrics.items()}
 

@@ -272,8 +272,8 @@ def main() -> None:
 
 
 def _acc0(metrics: dict[str, float]) -> str:
-    """Step-0 accuracy of the last log: HASS's ``acc_0``, EAGLE-3's ``full_acc_0``."""
-    for key in ("acc_0", "full_acc_0"):
+    """Step-0 accuracy of the last log: HASS's ``cond_acc_0``, EAGLE-3's ``full_acc_0``."""
+    for key in ("cond_acc_0", "full_acc_0"):
         if key in metrics:
             return f"{metrics[key]:.3f}"
     return "n/a"

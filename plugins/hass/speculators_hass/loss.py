@@ -9,8 +9,11 @@ verifier's distribution, frozen LM head) and ``log q = log_softmax(head(predicti
 * ``ploss_s  = -sum_t sum_v p_t(v) log q_t(v) / n`` (distribution loss, a cross-entropy),
 * ``topk_loss_s = -sum_t sum_{v in topK(p_t)} p_t(v) log q_t(v) / n`` ("harmonized objective
   distillation": the same sum restricted to the verifier's ``K`` most likely tokens),
-* ``acc_s = sum_t [argmax q_t == argmax p_t] / n`` (the draft's step-``s`` token equals the
-  verifier's greedy token).
+* ``cond_acc_s = sum_t [argmax q_t == argmax p_t] / n`` (the draft's step-``s`` token equals
+  the verifier's greedy token). Step ``s`` drafts with ``s`` of its own features in its context
+  and the true tokens, as draft position ``s`` does once the drafts before it were accepted:
+  this is the conditional acceptance of the core's metric convention, from which the core
+  derives ``est_accept_len`` (``speculators_core.train.metrics``).
 
 The step loss is ``v_w * vloss_s + p_w * ploss_s + topk_w * topk_loss_s`` (published weights
 ``v_w = 1.0``, ``p_w = 0.1``, ``topk_w = 1.0`` in stage 2 and ``0`` in stage 1, ``K = 10``) and
@@ -101,7 +104,7 @@ def hass_loss(
     indices. ``head`` maps predicted features to draft logits (the frozen LM head, after the
     optional pre-LM-head norm), ``target_head`` target features to verifier logits. Logits are
     computed for supervised indices only. Metrics: ``vloss_{s}``, ``ploss_{s}``,
-    ``topk_loss_{s}``, ``acc_{s}`` and ``loss``, each weighted by the number of supervised
+    ``topk_loss_{s}``, ``cond_acc_{s}`` and ``loss``, each weighted by the number of supervised
     indices (so micro-batches combine exactly).
     """
     count = valid.sum()
@@ -126,6 +129,6 @@ def hass_loss(
         metrics[f"vloss_{step}"] = vloss.detach()
         metrics[f"ploss_{step}"] = ploss.detach()
         metrics[f"topk_loss_{step}"] = topk_loss.detach()
-        metrics[f"acc_{step}"] = (terms.correct / denominator).detach()
+        metrics[f"cond_acc_{step}"] = (terms.correct / denominator).detach()
     metrics["loss"] = total.detach()
     return TrainingStepOutput(loss=total, metrics=metrics, weights=dict.fromkeys(metrics, count))

@@ -207,6 +207,24 @@ class EagleDraftModel(HiddenStateDraftModel):
             self.transformer(fused, rotary, cache=cache, mask=mask, implementation=implementation),
         )
 
+    def draft_logits(self, input_ids: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """One draft step over whole sequences: ``[B, T, V]`` logits (float64) of the features."""
+        batch, length = input_ids.shape
+        positions = torch.arange(length).expand(batch, length)
+        causal = torch.ones(length, length, dtype=torch.bool).tril()
+        mask = causal[None, None].expand(batch, 1, -1, -1)  # [B, 1, T, T]
+        dtype = next(self.parameters()).dtype
+        with torch.no_grad():
+            h = self.decode(
+                input_ids,
+                features.to(dtype),
+                positions,
+                cache=KVCache(1),
+                mask=mask,
+                implementation="eager",
+            )
+            return self.head(h).double()
+
     def head(self, features: torch.Tensor) -> torch.Tensor:
         """Draft logits ``[..., V]`` of predicted features (the verifier's LM head)."""
         if self.pre_lm_head_layernorm is not None:

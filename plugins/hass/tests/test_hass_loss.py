@@ -53,7 +53,7 @@ def reference(
         out[f"vloss_{step}"] = vsum / n
         out[f"ploss_{step}"] = psum / n
         out[f"topk_loss_{step}"] = ksum / n
-        out[f"acc_{step}"] = hits / n
+        out[f"cond_acc_{step}"] = hits / n
         total += weights.v_w * vsum / n + weights.p_w * psum / n + weights.topk_w * ksum / n
     out["loss"] = total
     out["count"] = n
@@ -91,7 +91,7 @@ def test_loss_terms_match_plain_derivation(weights: HassLossWeights) -> None:
         assert value.item() == pytest.approx(expected[key], rel=1e-5, abs=1e-6), key
         assert int(out.weights[key]) == expected["count"]
     assert set(out.metrics) == {
-        f"{name}_{s}" for name in ("vloss", "ploss", "topk_loss", "acc") for s in range(steps)
+        f"{name}_{s}" for name in ("vloss", "ploss", "topk_loss", "cond_acc") for s in range(steps)
     } | {"loss"}
     assert out.loss.item() == pytest.approx(expected["loss"], rel=1e-5)
 

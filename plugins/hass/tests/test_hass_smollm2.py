@@ -95,7 +95,7 @@ def test_brief_training_raises_held_out_step0_accuracy(smollm2_samples: Any) -> 
     )
     after = evaluation_metrics(draft, held_out_batch)
     print("held-out before", before, "after", after)
-    assert after["acc_0"] > before["acc_0"] + 0.04, (before, after)
+    assert after["cond_acc_0"] > before["cond_acc_0"] + 0.04, (before, after)
     assert after["loss"] < before["loss"]
     assert after["vloss_0"] < before["vloss_0"]
     for step in range(3):

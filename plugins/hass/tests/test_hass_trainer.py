@@ -33,13 +33,13 @@ def test_trainer_runs_both_stages(tiny_verifier: Path, verifier_model: Any, tmp_
     )
     result = Trainer(first, args, InMemorySource(samples)).train()
     assert result.state.global_step > 0
-    for key in ("val_loss", "val_acc_0", "val_vloss_2", "val_topk_loss_1"):
+    for key in ("val_loss", "val_cond_acc_0", "val_vloss_2", "val_topk_loss_1"):
         assert key in result.metrics, key
     logged = [
         json.loads(line)
         for line in (tmp_path / "stage1" / "metrics.jsonl").read_text().splitlines()
     ]
-    assert any("acc_0" in record for record in logged)
+    assert any("cond_acc_0" in record for record in logged)
 
     second = EagleDraftModel.from_verifier(
         tiny_verifier, topk_w=stage2.topk_w, init_from=result.final_dir

@@ -79,7 +79,7 @@ def test_training_step_matches_plain_loop(
     out = model.training_step(batch)
     steps = model.hass_steps
     assert steps == 3
-    sums = {name: [0.0] * steps for name in ("vloss", "ploss", "topk_loss", "acc")}
+    sums = {name: [0.0] * steps for name in ("vloss", "ploss", "topk_loss", "cond_acc")}
     count = 0
     for sample in samples:
         ids, mask = sample["input_ids"], sample["loss_mask"]
@@ -103,7 +103,7 @@ def test_training_step_matches_plain_loop(
                 sums["vloss"][step] += float(huber)
                 sums["ploss"][step] += float(-(p * log_q).sum())
                 sums["topk_loss"][step] += float(-(p[top] * log_q[top]).sum())
-                sums["acc"][step] += float(int(log_q.argmax()) == int(p.argmax()))
+                sums["cond_acc"][step] += float(int(log_q.argmax()) == int(p.argmax()))
     total = 0.0
     for step in range(steps):
         for name in sums:
@@ -175,5 +175,5 @@ def test_training_lowers_held_out_loss_and_raises_step0_accuracy(
         assert after[f"vloss_{step}"] < before[f"vloss_{step}"]
         assert after[f"ploss_{step}"] < before[f"ploss_{step}"]
         assert after[f"topk_loss_{step}"] < before[f"topk_loss_{step}"]
-    assert after["acc_0"] > before["acc_0"] + 0.08, (before, after)
-    assert math.isfinite(after["acc_2"])
+    assert after["cond_acc_0"] > before["cond_acc_0"] + 0.08, (before, after)
+    assert math.isfinite(after["cond_acc_2"])

@@ -94,7 +94,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 def test_the_draft_was_fitted(run: dict[str, Any]) -> None:
     history = run["history"]
     assert history[-1]["loss"] < 0.5 * history[0]["loss"]
-    assert history[-1]["acc_0"] > 0.5
+    assert history[-1]["cond_acc_0"] > 0.5
 
 
 def test_export_holds_the_saved_draft(run: dict[str, Any]) -> None:

@@ -5,7 +5,7 @@ A safetensors file is an 8-byte little-endian header length, a JSON header
 relative to the end of the header) and the tensors' raw little-endian bytes.
 
 * :func:`read_header` parses and checks a file's header (a truncated file or overlapping
-  offsets is a one-line :class:`~speculators_converters.errors.ConversionError`).
+  offsets is a one-line :class:`~speculators_core.errors.ConversionError`).
 * :class:`StreamingSafetensorsWriter` writes the header first, from the shapes and dtypes known
   in advance, then each tensor's bytes in order, in chunks: memory is bounded by the chunk size,
   not by the tensor or the checkpoint.
@@ -23,7 +23,7 @@ from typing import BinaryIO
 
 import torch
 
-from speculators_converters.errors import ConversionError
+from speculators_core.errors import ConversionError
 
 __all__ = [
     "CHUNK_BYTES",

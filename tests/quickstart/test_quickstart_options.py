@@ -1,0 +1,81 @@
+"""The quickstart's algorithm options: generic, checked against the algorithm, defaults declared."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from click.testing import CliRunner
+
+from speculators_core import Algorithm, TrainingOption, hookimpl
+from speculators_core.cli.quickstart import quickstart_command
+from speculators_core.options import OptionError, OptionText
+from speculators_core.plugins import PluginHost, PluginSettings
+from speculators_core.quickstart.settings import QuickstartSettings
+
+OPTIONS = (
+    TrainingOption("ttt_steps", int, 3, "Training-time-test steps."),
+    TrainingOption("speculative_tokens", int, None, "Tokens the proposal records."),
+    TrainingOption("noise_std", float, 0.05, "Feature noise."),
+)
+
+
+def _record(options: tuple[TrainingOption, ...]) -> Algorithm:
+    from speculators_fixture_good import plugin
+
+    (record,) = plugin.speculators_register_algorithms()
+    return dataclasses.replace(record, training_options=options)
+
+
+def test_declared_defaults_and_k_complete_the_options():
+    """Given values are converted; declared defaults fill the rest; speculative_tokens = k."""
+    settings = QuickstartSettings(k=4, algo_options={"noise_std": OptionText("0.1")})
+    resolved = settings.with_algorithm(_record(OPTIONS))
+    assert resolved.algo_options == {"ttt_steps": 3, "speculative_tokens": 4, "noise_std": 0.1}
+    assert settings.algo_options == {"noise_std": "0.1"}  # a copy; the original is unchanged
+
+
+def test_an_option_the_algorithm_lacks_is_refused():
+    """ttt_steps for an algorithm without it: one line listing the algorithm's options."""
+    settings = QuickstartSettings(algo_options={"ttt_steps": 2})
+    with pytest.raises(
+        OptionError, match=r"no training option 'ttt_steps'; its options: noise_std \("
+    ):
+        settings.with_algorithm(_record((OPTIONS[2],)))
+
+
+def test_an_algorithm_without_declared_options_gets_what_was_given():
+    """No declared options: nothing added, nothing refused."""
+    settings = QuickstartSettings(algo_options={"anything": 1})
+    assert settings.with_algorithm(_record(())).algo_options == {"anything": 1}
+
+
+def test_ttt_steps_flag_is_refused_before_any_output_when_the_algorithm_lacks_it(
+    monkeypatch: pytest.MonkeyPatch, tmp_path
+):
+    """--ttt-steps maps to the option only where declared; else one line, nothing written."""
+    from speculators_core.plugins import host as host_module
+
+    class Plugin:
+        @hookimpl
+        def speculators_register_algorithms(self) -> list[Algorithm]:
+            return [_record((OPTIONS[2],))]
+
+    host = PluginHost(
+        PluginSettings(), entry_points=False, plugins=[("speculators.algorithms:x", Plugin())]
+    )
+    monkeypatch.setattr(host_module, "get_host", lambda: host)
+    out = tmp_path / "out"
+    args = ["--algorithm", "fixture-mlp", "--output", str(out), "--ttt-steps", "2"]
+    result = CliRunner().invoke(quickstart_command, args)
+    assert isinstance(result.exception, OptionError), result.output
+    assert "no training option 'ttt_steps'" in str(result.exception)
+    assert not out.exists()
+    mistyped = CliRunner().invoke(
+        quickstart_command,
+        ["--algorithm", "fixture-mlp", "--output", str(out), "--algo-opt", "noise_std=x"],
+    )
+    assert "'noise_std' of algorithm 'fixture-mlp' must be float, not 'x'" in str(
+        mistyped.exception
+    )
+    assert not out.exists()
