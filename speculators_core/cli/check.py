@@ -33,9 +33,9 @@ def check_command(folder: Path, verifier: Path | None, as_json: bool) -> None:
     vocabulary, hidden size, layer ids and context length against it).
     """
     from speculators_core.check import check_checkpoint
-    from speculators_core.plugins.host import get_host
+    from speculators_core.cli.plugin_host import command_host
 
-    report = check_checkpoint(folder, host=get_host(), verifier=verifier)
+    report = check_checkpoint(folder, host=command_host(), verifier=verifier)
     for note in report.notes:
         click.echo(f"note: {note}", err=True)
     if as_json:

@@ -142,7 +142,6 @@ def eval_command(
     from speculators_core.evaluate.plots import plot_acceptance
     from speculators_core.evaluate.prompts import load_prompt_texts, render_prompts
     from speculators_core.fsutil import atomic_file
-    from speculators_core.plugins.host import get_host
 
     if not (draft / "config.json").is_file():
         raise SpeculatorsError(f"'{draft}' is not a speculator folder (no config.json)")
@@ -152,7 +151,8 @@ def eval_command(
     if engine in ("vllm", "both"):
         from speculators_core.evaluate.vllm_runner import vllm_serving
 
-        vllm_serving(draft, get_host())  # an algorithm vLLM cannot serve stops here, in one line
+        # An algorithm vLLM cannot serve stops here, in one line, before any decoding.
+        vllm_serving(draft, command_host())
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(verifier_dir)
@@ -190,7 +190,7 @@ def eval_command(
                 max_new_tokens=max_new_tokens,
                 seed=seed,
                 baseline=baseline,
-                host=get_host(),
+                host=command_host(),
             )
         )
     _print_table(reports)

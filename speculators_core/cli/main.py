@@ -20,6 +20,7 @@ from speculators_core.errors import SpeculatorsError
 from speculators_core.plugins.host import (
     COMMAND_GROUP,
     EntryPointInfo,
+    PluginHost,
     PluginSettings,
     list_entry_points,
 )
@@ -166,13 +167,17 @@ def _configure_logging(debug: bool) -> None:
     root.setLevel(logging.DEBUG if debug else logging.WARNING)
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Console entry point: run the CLI with the one-line error policy."""
+def main(argv: list[str] | None = None, *, host: PluginHost | None = None) -> None:
+    """Console entry point: run the CLI with the one-line error policy.
+
+    ``host`` is the plugin host the commands use (see
+    :func:`speculators_core.cli.plugin_host.command_host`); None: the default host.
+    """
     args = sys.argv[1:] if argv is None else argv
     debug = "--debug" in args
     _configure_logging(debug)
     try:
-        cli.main(args=args, prog_name="speculators", standalone_mode=False)
+        cli.main(args=args, prog_name="speculators", standalone_mode=False, obj=host)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)

@@ -196,6 +196,7 @@ def quickstart_command(
     decoder, and write OUTPUT/speculator (the draft), OUTPUT/report.json, OUTPUT/acceptance.png
     and OUTPUT/training.png. Interrupted runs continue with --resume.
     """
+    from speculators_core.cli.plugin_host import command_host
     from speculators_core.cli.train import parse_algo_options
     from speculators_core.quickstart.pipeline import run_quickstart
     from speculators_core.quickstart.settings import QuickstartSettings
@@ -234,7 +235,14 @@ def quickstart_command(
         vllm_eval=vllm_eval,
         seed=seed,
     )
-    result = run_quickstart(settings, output, resume=resume, overwrite=overwrite, echo=click.echo)
+    result = run_quickstart(
+        settings,
+        output,
+        resume=resume,
+        overwrite=overwrite,
+        echo=click.echo,
+        host=command_host(),
+    )
     report = result.report
     click.echo("")
     tau = report.get("mean_acceptance_length")

@@ -222,10 +222,10 @@ def serve_command(
     (as 'speculators check' does); a folder with findings is not served unless --no-check.
     Without vLLM installed, the command is printed instead of run.
     """
+    from speculators_core.cli.plugin_host import command_host
     from speculators_core.evaluate.vllm_env import vllm_available
-    from speculators_core.plugins.host import get_host
 
-    plugin_host = get_host()
+    plugin_host = command_host()
     _refuse_unservable(speculator, plugin_host)
     if not no_check:
         from speculators_core.check import check_checkpoint

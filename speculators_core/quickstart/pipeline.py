@@ -143,7 +143,12 @@ def _open_state(
 
 
 def _data_stage(
-    state: _State, settings: QuickstartSettings, verifier: Path, out: Path, echo: Echo
+    state: _State,
+    settings: QuickstartSettings,
+    verifier: Path,
+    out: Path,
+    echo: Echo,
+    host: PluginHost,
 ) -> Path:
     prepared = out / "data" / "prepared"
     if state.done("data"):
@@ -153,7 +158,7 @@ def _data_stage(
     if backend == "auto":
         backend = "one-pass"
     if settings.regenerate and backend == "one-pass":
-        _one_pass_data(state, settings, verifier, out, echo)
+        _one_pass_data(state, settings, verifier, out, echo, host)
         return prepared
     if settings.regenerate:
         from speculators_core.data.regenerate import GenerationSettings, regenerate_data
@@ -203,14 +208,19 @@ def _data_stage(
 
 
 def _one_pass_data(
-    state: _State, settings: QuickstartSettings, verifier: Path, out: Path, echo: Echo
+    state: _State,
+    settings: QuickstartSettings,
+    verifier: Path,
+    out: Path,
+    echo: Echo,
+    host: PluginHost,
 ) -> None:
     """Regenerate the answers and capture their states in one verifier pass (both stages)."""
     from speculators_core.data.decode_capture import regenerate_to_store
     from speculators_core.data.specs import spec_for_algorithm
 
     started = time.perf_counter()
-    spec = spec_for_algorithm(settings.algorithm, verifier)
+    spec = spec_for_algorithm(settings.algorithm, verifier, host=host)
     echo(
         f"[data] {settings.samples} conversations: first user turn, answered again by the "
         f"verifier (greedy, {settings.max_new_tokens} new tokens at most), its hidden states "
@@ -258,6 +268,7 @@ def _hidden_state_stage(
     prepared: Path,
     out: Path,
     echo: Echo,
+    host: PluginHost,
 ) -> Path:
     store = out / "data" / "store"
     if state.done("hidden-states"):
@@ -268,7 +279,7 @@ def _hidden_state_stage(
     from speculators_core.data.store import capture_to_store
 
     started = time.perf_counter()
-    spec = spec_for_algorithm(settings.algorithm, verifier)
+    spec = spec_for_algorithm(settings.algorithm, verifier, host=host)
     if store.is_dir():  # captured completely before an interruption: keep it
         from speculators_core.data.store import ShardStore
 
@@ -368,7 +379,12 @@ def _run_config(
 
 
 def _calibrate(
-    settings: QuickstartSettings, verifier: Path, store: Path, vocab: Path, out: Path
+    settings: QuickstartSettings,
+    verifier: Path,
+    store: Path,
+    vocab: Path,
+    out: Path,
+    host: PluginHost,
 ) -> tuple[float, int]:
     """Seconds per training step (best of a few timed steps) and steps per epoch."""
     from speculators_core.train.callbacks import TrainerCallback
@@ -403,7 +419,7 @@ def _calibrate(
         progress=False, jsonl_log=False, val_fraction=0.0, save_total_limit=None
     )
     try:
-        prepared = prepare_run(config, callbacks=(_Timer(),))
+        prepared = prepare_run(config, host=host, callbacks=(_Timer(),))
         steps_per_epoch = prepared.trainer.plan.steps_in_epoch(0)
         prepared.trainer.train()
     finally:
@@ -422,6 +438,7 @@ def _train_stage(
     vocab: Path,
     out: Path,
     echo: Echo,
+    host: PluginHost,
     *,
     resume: bool,
 ) -> Path:
@@ -436,7 +453,7 @@ def _train_stage(
     if plan is None:
         budget_s = settings.budget_minutes * 60.0
         left_s = budget_s - state.spent_seconds() - settings.eval_reserve_minutes * 60.0
-        step_s, steps_per_epoch = _calibrate(settings, verifier, store, vocab, out)
+        step_s, steps_per_epoch = _calibrate(settings, verifier, store, vocab, out, host)
         calibration_s = time.perf_counter() - started
         left_s -= calibration_s
         max_steps = max(MIN_TRAIN_STEPS, int(left_s / step_s))
@@ -477,7 +494,7 @@ def _train_stage(
         validate_every=max(1, max_steps // VALIDATIONS),
         resume=resume,
     )
-    result = run_training(prepare_run(config))
+    result = run_training(prepare_run(config, host=host))
     metrics = {k: float(v) for k, v in result.metrics.items()}
     state.finish(
         "train",
@@ -566,8 +583,12 @@ def run_quickstart(
     resume: bool = False,
     overwrite: bool = False,
     echo: Echo = print,
+    host: PluginHost | None = None,
 ) -> QuickstartResult:
-    """Run (or continue) the whole pipeline into ``output``; see the module docs."""
+    """Run (or continue) the whole pipeline into ``output``; see the module docs.
+
+    ``host`` provides the algorithm (the default plugin host if None).
+    """
     from speculators_core.assets import resolve_verifier_path
     from speculators_core.plugins.host import get_host
     from speculators_core.quickstart.report import write_report
@@ -575,7 +596,7 @@ def run_quickstart(
     # vLLM's per-request INFO lines would bury the progress of the stages.
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     out = Path(output).absolute()
-    host = get_host()
+    host = host if host is not None else get_host()
     # An unknown algorithm fails here, listing the installed ones; so do unknown or mistyped
     # algorithm options, before anything is written.
     settings = settings.with_algorithm(host.algorithm(settings.algorithm))
@@ -596,10 +617,10 @@ def run_quickstart(
         f"quickstart: {settings.algorithm} draft for {verifier.name}, budget "
         f"{settings.budget_minutes:g} min, output {out}"
     )
-    prepared = _data_stage(state, settings, verifier, out, echo)
-    store = _hidden_state_stage(state, settings, verifier, prepared, out, echo)
+    prepared = _data_stage(state, settings, verifier, out, echo, host)
+    store = _hidden_state_stage(state, settings, verifier, prepared, out, echo, host)
     vocab = _vocab_stage(state, settings, store, out, echo)
-    final = _train_stage(state, settings, verifier, store, vocab, out, echo, resume=resume)
+    final = _train_stage(state, settings, verifier, store, vocab, out, echo, host, resume=resume)
 
     speculator = out / "speculator"
     if not speculator.is_dir():

@@ -131,15 +131,11 @@ def test_a_failing_lint_rule_is_one_finding_after_the_generic_ones(
     assert "RuntimeError('rule bug')" in str(report.findings[0])
 
 
-def test_check_cli_prints_the_notes_on_stderr(
-    fixture_draft: Path, fixture_host: PluginHost, monkeypatch: pytest.MonkeyPatch
-):
+def test_check_cli_prints_the_notes_on_stderr(fixture_draft: Path, fixture_host: PluginHost):
     from speculators_core.cli.check import check_command
-    from speculators_core.plugins import host as host_module
 
     bare = _host_with(replace(fixture_host.algorithm("fixture-mlp"), lint=None))
-    monkeypatch.setattr(host_module, "get_host", lambda: bare)
-    result = CliRunner().invoke(check_command, [str(fixture_draft)])
+    result = CliRunner().invoke(check_command, [str(fixture_draft)], obj=bare)
     assert result.exit_code == 0, result.output
     assert result.stdout.startswith(f"{fixture_draft}: OK (fixture-mlp, 3 tensors checked")
     assert "note: algorithm 'fixture-mlp'" in result.stderr
@@ -159,7 +155,7 @@ def test_serve_print_only_uses_the_records_method_and_options(
     fixture_draft: Path, fixture_host: PluginHost
 ):
     result = CliRunner().invoke(
-        serve_command, [str(fixture_draft), "--print-only", "--device", "gpu"]
+        serve_command, [str(fixture_draft), "--print-only", "--device", "gpu"], obj=fixture_host
     )
     assert result.exit_code == 0, result.output
     assert _speculative_config_of(result.stdout) == {
@@ -173,16 +169,13 @@ def test_serve_print_only_uses_the_records_method_and_options(
 def test_serve_refuses_an_algorithm_vllm_cannot_serve_in_one_line(
     fixture_draft: Path,
     fixture_host: PluginHost,
-    monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ):
     from speculators_core.cli.main import main
-    from speculators_core.plugins import host as host_module
 
     unserved = _host_with(replace(fixture_host.algorithm("fixture-mlp"), vllm=None))
-    monkeypatch.setattr(host_module, "get_host", lambda: unserved)
     with pytest.raises(SystemExit) as exit_info:
-        main(["serve", str(fixture_draft), "--print-only", "--device", "gpu"])
+        main(["serve", str(fixture_draft), "--print-only", "--device", "gpu"], host=unserved)
     assert exit_info.value.code == 1
     out = capsys.readouterr()
     assert out.out == ""
@@ -250,16 +243,16 @@ def test_eval_cli_with_vllm_stops_before_decoding(
     monkeypatch: pytest.MonkeyPatch,
 ):
     from speculators_core.cli.eval_cmd import eval_command
-    from speculators_core.plugins import host as host_module
 
     unserved = _host_with(replace(fixture_host.algorithm("fixture-mlp"), vllm=None))
-    monkeypatch.setattr(host_module, "get_host", lambda: unserved)
     monkeypatch.setattr(
         "speculators_core.evaluate.evaluation.evaluate_reference",
         lambda *a, **k: pytest.fail("the reference engine must not run first"),
     )
     args = [str(fixture_draft), "--verifier", str(tiny_verifier), "--engine", "both"]
-    result = CliRunner().invoke(eval_command, [*args, "--output", str(fixture_draft / "eval")])
+    result = CliRunner().invoke(
+        eval_command, [*args, "--output", str(fixture_draft / "eval")], obj=unserved
+    )
     assert result.exit_code == 1
     assert "vLLM cannot serve algorithm 'fixture-mlp'" in str(result.exception)
     assert not (fixture_draft / "eval").exists()

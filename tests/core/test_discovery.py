@@ -73,6 +73,7 @@ def test_plugins_json_is_valid_and_complete(fixture_site):
         ("speculators.algorithms", "fixture-mlp"),
         ("speculators.commands", "broken-cmd"),
         ("speculators.commands", "fixture-hello"),
+        ("speculators.converters", "fixture-layout"),
     }
     good = by_key[("speculators.algorithms", "fixture-mlp")]
     assert good["status"] == "ok" and good["hooks"] == ["speculators_register_algorithms"]
@@ -107,6 +108,7 @@ def test_block_list_skips_the_broken_plugin(fixture_site):
         "broken-cmd": "disabled",
         "fixture-mlp": "ok",
         "fixture-hello": "ok",
+        "fixture-layout": "ok",
     }
     assert out.stderr == ""
 
@@ -122,6 +124,7 @@ def test_allow_list_loads_only_what_it_names(fixture_site):
         "broken-cmd": "disabled",
         "fixture-mlp": "ok",
         "fixture-hello": "disabled",
+        "fixture-layout": "disabled",
     }
 
 

@@ -50,11 +50,8 @@ def test_an_algorithm_without_declared_options_gets_what_was_given():
     assert settings.with_algorithm(_record(())).algo_options == {"anything": 1}
 
 
-def test_ttt_steps_flag_is_refused_before_any_output_when_the_algorithm_lacks_it(
-    monkeypatch: pytest.MonkeyPatch, tmp_path
-):
+def test_ttt_steps_flag_is_refused_before_any_output_when_the_algorithm_lacks_it(tmp_path):
     """--ttt-steps maps to the option only where declared; else one line, nothing written."""
-    from speculators_core.plugins import host as host_module
 
     class Plugin:
         @hookimpl
@@ -64,16 +61,16 @@ def test_ttt_steps_flag_is_refused_before_any_output_when_the_algorithm_lacks_it
     host = PluginHost(
         PluginSettings(), entry_points=False, plugins=[("speculators.algorithms:x", Plugin())]
     )
-    monkeypatch.setattr(host_module, "get_host", lambda: host)
     out = tmp_path / "out"
     args = ["--algorithm", "fixture-mlp", "--output", str(out), "--ttt-steps", "2"]
-    result = CliRunner().invoke(quickstart_command, args)
+    result = CliRunner().invoke(quickstart_command, args, obj=host)
     assert isinstance(result.exception, OptionError), result.output
     assert "no training option 'ttt_steps'" in str(result.exception)
     assert not out.exists()
     mistyped = CliRunner().invoke(
         quickstart_command,
         ["--algorithm", "fixture-mlp", "--output", str(out), "--algo-opt", "noise_std=x"],
+        obj=host,
     )
     assert "'noise_std' of algorithm 'fixture-mlp' must be float, not 'x'" in str(
         mistyped.exception
