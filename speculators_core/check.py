@@ -94,14 +94,13 @@ class CheckReport:
 
 def load_verifier_info(folder: Path) -> VerifierInfo | None:
     """The verifier in ``folder`` (its config and tokenizer length), or None if unreadable."""
+    from speculators_core.data.verifier import read_verifier_config
+
     try:
-        data = json.loads((folder / CONFIG_FILE).read_text())
-    except (OSError, json.JSONDecodeError):
+        # The one verifier-config reader (multimodal verifiers' text_config merged in).
+        data = read_verifier_config(folder)
+    except SpeculatorsError:
         return None
-    if not isinstance(data, dict):
-        return None
-    if isinstance(data.get("text_config"), dict):  # multimodal verifiers nest the text model
-        data = {**data, **data["text_config"]}
     tokenizer_len: int | None = None
     try:
         from transformers import AutoTokenizer

@@ -160,37 +160,20 @@ class _HeaderError(Exception):
 
 
 def read_safetensors_header(path: str | os.PathLike[str]) -> dict[str, TensorInfo]:
-    """The tensors listed in a safetensors file's JSON header (8-byte length + JSON)."""
-    path = Path(path)
-    size = path.stat().st_size
-    with open(path, "rb") as handle:
-        raw_len = handle.read(8)
-        if len(raw_len) != 8:
-            raise _HeaderError("file is shorter than a safetensors header")
-        (length,) = struct.unpack("<Q", raw_len)
-        if length > min(size - 8, 100_000_000):
-            raise _HeaderError(f"header length {length} does not fit the file ({size} bytes)")
-        try:
-            header = json.loads(handle.read(length))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise _HeaderError(f"header is not valid JSON ({err})") from None
-    if not isinstance(header, dict):
-        raise _HeaderError("header is not a JSON object")
-    out: dict[str, TensorInfo] = {}
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            out[name] = TensorInfo(
-                name=name,
-                dtype=str(entry["dtype"]),
-                shape=tuple(int(d) for d in entry["shape"]),
-                file=path,
-                offsets=(int(entry["data_offsets"][0]), int(entry["data_offsets"][1])),
-            )
-        except (KeyError, TypeError, ValueError, IndexError):
-            raise _HeaderError(f"header entry for '{name}' is malformed") from None
-    return out
+    """The tensors listed in a safetensors file's header (no data read; dtypes as named)."""
+    from speculators_core.errors import ConversionError
+    from speculators_core.safetensors_io import parse_header
+
+    try:
+        _, entries = parse_header(path)
+    except ConversionError as err:
+        raise _HeaderError(str(err)) from None
+    return {
+        name: TensorInfo(
+            name=name, dtype=e.dtype, shape=e.shape, file=Path(path), offsets=(e.begin, e.end)
+        )
+        for name, e in entries.items()
+    }
 
 
 def read_tensor_infos(folder: str | os.PathLike[str]) -> dict[str, TensorInfo]:
@@ -221,10 +204,12 @@ def read_tensor_infos(folder: str | os.PathLike[str]) -> dict[str, TensorInfo]:
 
 def read_small_tensor(info: TensorInfo) -> list[int]:
     """The values of a 1-D int64 or bool tensor, read straight from the file."""
+    from speculators_core.safetensors_io import parse_header
+
     start, end = info.offsets
+    data_start, _ = parse_header(info.file)
     with open(info.file, "rb") as handle:
-        (length,) = struct.unpack("<Q", handle.read(8))
-        handle.seek(8 + length + start)
+        handle.seek(data_start + start)
         raw = handle.read(end - start)
     if info.dtype == "I64":
         return list(struct.unpack(f"<{len(raw) // 8}q", raw))

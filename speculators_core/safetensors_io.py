@@ -4,7 +4,8 @@ A safetensors file is an 8-byte little-endian header length, a JSON header
 (``{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}``, offsets
 relative to the end of the header) and the tensors' raw little-endian bytes.
 
-* :func:`read_header` parses and checks a file's header (a truncated file or overlapping
+* :func:`parse_header` is the one reader of a header's bytes (``speculators check`` uses it as
+  it is); :func:`read_header` parses and checks a file's header (a truncated file or overlapping
   offsets is a one-line :class:`~speculators_core.errors.ConversionError`).
 * :class:`StreamingSafetensorsWriter` writes the header first, from the shapes and dtypes known
   in advance, then each tensor's bytes in order, in chunks: memory is bounded by the chunk size,
@@ -29,10 +30,12 @@ __all__ = [
     "CHUNK_BYTES",
     "DTYPE_NAMES",
     "HeaderEntry",
+    "RawEntry",
     "StreamingSafetensorsWriter",
     "TensorLayout",
     "dtype_from_name",
     "dtype_name",
+    "parse_header",
     "read_chunks",
     "read_header",
     "read_tensor",
@@ -100,11 +103,24 @@ def _numel(shape: Sequence[int]) -> int:
     return n
 
 
-def read_header(path: str | os.PathLike[str]) -> dict[str, HeaderEntry]:
-    """The tensors a safetensors file holds, checked against the file's size.
+@dataclass(frozen=True)
+class RawEntry:
+    """One tensor as a safetensors header lists it, before any dtype is interpreted."""
 
-    Raises :class:`ConversionError` for a file that is cut off, whose header is not JSON, or
-    whose offsets disagree with the tensors' shapes and dtypes.
+    name: str
+    dtype: str  # the safetensors name: F32, BF16, I64, BOOL, F8_E4M3, ...
+    shape: tuple[int, ...]
+    begin: int  # byte offsets relative to the end of the header
+    end: int
+
+
+def parse_header(path: str | os.PathLike[str]) -> tuple[int, dict[str, RawEntry]]:
+    """The byte offset where tensor data starts, and the header's entries (metadata skipped).
+
+    The one reader of safetensors headers in the project (``speculators check`` and the
+    converters build on it). Raises :class:`ConversionError` for a file too short for a header,
+    a header length that does not fit the file, a header that is not a JSON object, or a
+    malformed entry.
     """
     path = Path(path)
     size = path.stat().st_size
@@ -125,30 +141,47 @@ def read_header(path: str | os.PathLike[str]) -> dict[str, HeaderEntry]:
             raise ConversionError(f"'{path}' has an unreadable header ({err}); {fix}") from err
     if not isinstance(header, dict):
         raise ConversionError(f"'{path}' has a header that is not a JSON object; {fix}")
-    data_start = 8 + length
-    data_size = size - data_start
-    entries: dict[str, HeaderEntry] = {}
+    entries: dict[str, RawEntry] = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
         try:
-            dtype_str, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
-            shape = tuple(int(d) for d in shape)
+            begin, end = (int(x) for x in info["data_offsets"])
+            shape = tuple(int(d) for d in info["shape"])
+            entries[name] = RawEntry(name, str(info["dtype"]), shape, begin, end)
         except (KeyError, TypeError, ValueError) as err:
             raise ConversionError(f"'{path}' has a malformed entry for '{name}'; {fix}") from err
-        dtype = dtype_from_name(dtype_str, where=f"'{path}'")
-        expected = _numel(shape) * torch.empty((), dtype=dtype).element_size()
-        if end - begin != expected or begin < 0:
+    return 8 + length, entries
+
+
+def read_header(path: str | os.PathLike[str]) -> dict[str, HeaderEntry]:
+    """The tensors a safetensors file holds, checked against the file's size.
+
+    Raises :class:`ConversionError` for a file that is cut off, whose header is not JSON, or
+    whose offsets disagree with the tensors' shapes and dtypes.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    fix = "re-download or re-save the checkpoint"
+    data_start, raw_entries = parse_header(path)
+    data_size = size - data_start
+    entries: dict[str, HeaderEntry] = {}
+    for name, raw in raw_entries.items():
+        dtype = dtype_from_name(raw.dtype, where=f"'{path}'")
+        expected = _numel(raw.shape) * torch.empty((), dtype=dtype).element_size()
+        if raw.end - raw.begin != expected or raw.begin < 0:
             raise ConversionError(
-                f"'{path}': tensor '{name}' has offsets [{begin}, {end}) but its shape "
-                f"{list(shape)} and dtype {dtype_str} need {expected} bytes; {fix}"
+                f"'{path}': tensor '{name}' has offsets [{raw.begin}, {raw.end}) but its shape "
+                f"{list(raw.shape)} and dtype {raw.dtype} need {expected} bytes; {fix}"
             )
-        if end > data_size:
+        if raw.end > data_size:
             raise ConversionError(
-                f"'{path}' is truncated: tensor '{name}' ends at byte {data_start + end} but the "
-                f"file has {size} bytes; {fix}"
+                f"'{path}' is truncated: tensor '{name}' ends at byte {data_start + raw.end} but "
+                f"the file has {size} bytes; {fix}"
             )
-        entries[name] = HeaderEntry(name, dtype, shape, path, data_start + begin, end - begin)
+        entries[name] = HeaderEntry(
+            name, dtype, raw.shape, path, data_start + raw.begin, raw.end - raw.begin
+        )
     return entries
 
 
