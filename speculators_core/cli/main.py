@@ -146,8 +146,8 @@ def _version() -> str:
 @click.pass_context
 def cli(ctx: click.Context, debug: bool) -> None:
     """Build, train, convert, evaluate and serve speculative-decoding draft models for vLLM."""
-    ctx.ensure_object(dict)
-    ctx.obj["debug"] = debug
+    # ctx.obj is left alone: it is the plugin host a caller may pass (see main(host=...)).
+    ctx.meta["speculators.debug"] = debug
     _configure_logging(debug)
 
 

@@ -90,10 +90,10 @@ def test_the_worked_example_registers_and_trains(toy_host, tiny_verifier: Path):
         optimizer.step()
     last = draft.training_step(batch)
     assert last.loss < 0.5 * first.loss
-    metrics, weights = derive_metrics(last.metrics, last.weights)
+    derived = derive_metrics(last)
     # One scored step: 1 + full_acc_0, weighted like full_acc_0 (recomputed here).
-    assert torch.isclose(metrics["est_accept_len"], 1 + last.metrics["full_acc_0"])
-    assert torch.equal(weights["est_accept_len"], last.weights["full_acc_0"])
+    assert torch.isclose(derived.metrics["est_accept_len"], 1 + last.metrics["full_acc_0"])
+    assert torch.equal(derived.weights["est_accept_len"], last.weights["full_acc_0"])
 
 
 def test_the_worked_example_saves_checks_and_decodes(toy_host, tiny_verifier: Path, tmp_path):

@@ -114,7 +114,7 @@ def test_check_runs_the_plugins_own_rule(converted: Path, fixture_site: Path, tm
     save_file(weights, str(converted / "model.safetensors"))
     faulty = run_cli(["check", str(converted), "--json"], site=fixture_site)
     assert faulty.returncode == 1
-    codes = [f["code"] for f in json.loads(faulty.stdout)["findings"]]
+    codes = [f["code"] for f in json.loads(faulty.stdout)]
     assert codes == ["fixture-fc-shape"]  # its own rule, and no EAGLE rule
 
 
@@ -153,5 +153,9 @@ def test_quickstart_trains_the_plugins_algorithm(
     assert config["speculators_model_type"] == "fixture-mlp"
     report = json.loads((out / "report.json").read_text())
     (evaluation,) = report["evaluation"]
-    assert evaluation["engine"] == "reference" and evaluation["identical_to_verifier"] is True
+    assert report["measured_by"] == evaluation["engine"] == "reference"
+    rates = evaluation["acceptance_rate_per_position"]
+    assert len(rates) == 2  # k = 2
+    assert report["mean_acceptance_length"] == pytest.approx(1 + sum(rates), abs=1e-9)
     assert "fixture-mlp-vllm" in report["serve_command"]
+    assert "fixture-mlp-vllm" in result.stdout  # the printed serve line is the plugin's
