@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -52,6 +53,17 @@ def fixture_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
     distributions (entry points are cached in-process, hence the subprocesses).
     """
     site = tmp_path_factory.mktemp("fixture-site")
+    # Build from copies: pip leaves build/ and *.egg-info next to the sources it builds, and an
+    # egg-info in tests/fixtures/good_plugin (on sys.path above) would make the fixture's entry
+    # points visible to every in-process plugin host of the session.
+    sources = tmp_path_factory.mktemp("fixture-sources")
+    copies = []
+    for src in (GOOD_PLUGIN_SRC, BROKEN_PLUGIN_SRC):
+        copy = sources / src.name
+        shutil.copytree(
+            src, copy, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__")
+        )
+        copies.append(str(copy))
     subprocess.run(
         [
             sys.executable,
@@ -65,8 +77,7 @@ def fixture_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
             "--disable-pip-version-check",
             "--target",
             str(site),
-            str(GOOD_PLUGIN_SRC),
-            str(BROKEN_PLUGIN_SRC),
+            *copies,
         ],
         check=True,
         capture_output=True,

@@ -38,6 +38,15 @@ class HiddenStateDraftModel(SpeculatorModel):
     :meth:`read_verifier` and set :attr:`verifier_parts_attached`.
     """
 
+    @staticmethod
+    def whole_sequence_inputs(input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positions ``[B, T]`` and the causal mask ``[B, 1, T, T]`` of one draft step over
+        whole sequences (what :meth:`draft_logits` runs on)."""
+        batch, length = input_ids.shape
+        positions = torch.arange(length).expand(batch, length)
+        causal = torch.ones(length, length, dtype=torch.bool).tril()
+        return positions, causal[None, None].expand(batch, 1, -1, -1)
+
     #: The verifier's decoder-layer count (None until known: attached verifier or local folder).
     verifier_num_layers: int | None = None
     #: Whether the verifier's tensors the checkpoint lacks are in place.

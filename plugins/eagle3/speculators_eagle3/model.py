@@ -304,10 +304,7 @@ class Eagle3DraftModel(HiddenStateDraftModel):
         ``features`` ``[B, T, n*Ht]`` are the aux states; tokens outside the draft vocabulary
         get ``-inf``.
         """
-        batch, length = input_ids.shape
-        positions = torch.arange(length).expand(batch, length)
-        causal = torch.ones(length, length, dtype=torch.bool).tril()
-        mask = causal[None, None].expand(batch, 1, -1, -1)  # [B, 1, T, T]
+        positions, mask = self.whole_sequence_inputs(input_ids)  # [B, T], [B, 1, T, T]
         dtype = next(self.parameters()).dtype
         with torch.no_grad():
             feature = self.combine_aux(features.to(dtype))  # [B, T, H]
@@ -321,7 +318,7 @@ class Eagle3DraftModel(HiddenStateDraftModel):
             )
             logits, _ = self.head(h)  # [B, T, Vd]
         full = torch.full(
-            (batch, length, self.config.verifier_vocab_size), float("-inf"), dtype=torch.float64
+            (*input_ids.shape, self.config.verifier_vocab_size), float("-inf"), dtype=torch.float64
         )
         full[..., self.draft_to_target_ids()] = logits.double()
         return full

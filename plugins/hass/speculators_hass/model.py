@@ -209,10 +209,7 @@ class EagleDraftModel(HiddenStateDraftModel):
 
     def draft_logits(self, input_ids: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         """One draft step over whole sequences: ``[B, T, V]`` logits (float64) of the features."""
-        batch, length = input_ids.shape
-        positions = torch.arange(length).expand(batch, length)
-        causal = torch.ones(length, length, dtype=torch.bool).tril()
-        mask = causal[None, None].expand(batch, 1, -1, -1)  # [B, 1, T, T]
+        positions, mask = self.whole_sequence_inputs(input_ids)  # [B, T], [B, 1, T, T]
         dtype = next(self.parameters()).dtype
         with torch.no_grad():
             h = self.decode(
