@@ -101,6 +101,12 @@ def _print_table(reports: list[dict[str, Any]]) -> None:
     help="With --engine vllm-server: requests in flight, e.g. 1,4,16 (1 is always measured).",
 )
 @click.option(
+    "--write-k",
+    is_flag=True,
+    help="With --engine vllm-server: record the fastest k in DRAFT's config (speculative_tokens, "
+    "what vLLM serves with), unless the draft does not pay at any k.",
+)
+@click.option(
     "-k",
     "--num-speculative-tokens",
     "k",
@@ -144,6 +150,7 @@ def eval_command(
     engine: str,
     k_values: str | None,
     concurrency_text: str,
+    write_k: bool,
     k: int,
     temperature: float,
     max_new_tokens: int,
@@ -179,8 +186,11 @@ def eval_command(
             max_new_tokens=max_new_tokens,
             max_prompt_tokens=max_prompt_tokens,
             output=output or draft / "eval",
+            write_k=write_k,
         )
         return
+    if write_k:
+        raise SpeculatorsError("--write-k goes with --engine vllm-server (k is chosen by serving)")
     if engine in ("vllm", "both"):
         from speculators_core.evaluate.vllm_runner import vllm_serving
 
@@ -276,6 +286,7 @@ def _measure_served(
     max_new_tokens: int,
     max_prompt_tokens: int,
     output: Path,
+    write_k: bool = False,
 ) -> None:
     """``--engine vllm-server``: serve, drive, compare, name the fastest k; write server.json."""
     from transformers import AutoTokenizer
@@ -319,6 +330,10 @@ def _measure_served(
     with atomic_file(output / "server.json") as tmp:
         tmp.write_text(json.dumps(report, indent=2))
     click.echo(f"wrote {output / 'server.json'}")
+    if write_k:
+        from speculators_core.evaluate.vllm_server import write_chosen_k
+
+        click.echo(write_chosen_k(draft, report, plugin_host=host))
 
 
 def served_table(report: dict[str, Any]) -> list[str]:

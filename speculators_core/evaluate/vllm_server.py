@@ -50,6 +50,7 @@ __all__ = [
     "ngram_argv",
     "parse_spec_counters",
     "verifier_argv",
+    "write_chosen_k",
 ]
 
 #: How long a server may take to answer /health after its start (model load, warm-up).
@@ -593,3 +594,44 @@ def compare_served(
         "pays": best > 1.0,
         "logs": str(logs),
     }
+
+
+def write_chosen_k(
+    draft: str | os.PathLike[str], report: Mapping[str, Any], *, plugin_host: Any
+) -> str:
+    """Record the measured fastest k in the draft's default proposal method, if the draft pays.
+
+    Only ``speculative_tokens`` of the default proposal changes (what vLLM reads as
+    ``num_speculative_tokens``); the new ``config.json`` is validated through the plugin host
+    before it atomically replaces the old one, so the folder stays valid for vLLM and upstream.
+    Returns the one line to print: what was written, or why nothing was.
+    """
+    from speculators_core.config import read_config_dict
+    from speculators_core.fsutil import atomic_file
+    from speculators_core.loading import load_config
+
+    chosen = int(report["chosen_k"])
+    best = report["draft"][str(chosen)]
+    if not report["pays"]:
+        return (
+            f"k left as recorded: the draft does not pay at any k measured here (best "
+            f"{best['speedup']['1']:.2f}x at k={chosen})"
+        )
+    folder = Path(draft)
+    data = read_config_dict(folder)
+    spec = data["speculators_config"]
+    default = spec["default_proposal_method"]
+    methods = [dict(m) for m in spec["proposal_methods"]]
+    previous = None
+    for method in methods:
+        if method.get("proposal_type") == default:
+            previous = method.get("speculative_tokens")
+            method["speculative_tokens"] = chosen
+    data = {**data, "speculators_config": {**spec, "proposal_methods": methods}}
+    load_config(data, host=plugin_host)  # the new config must load before it replaces the old
+    with atomic_file(folder / "config.json") as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    return (
+        f"wrote k={chosen} into {folder / 'config.json'} (was {previous}): "
+        f"{best['speedup']['1']:.2f}x the verifier alone at concurrency 1"
+    )

@@ -157,7 +157,45 @@ def test_server_options_are_checked_before_anything_starts(tmp_path: Path, tiny_
     )
     sampled = runner.invoke(eval_command, [*base, "--temperature", "0.5"], obj=PluginHost())
     assert "measures greedy decoding" in str(sampled.exception)
+    offline = [str(tmp_path / "d"), "--verifier", str(tiny_verifier), "--write-k"]
+    refused = runner.invoke(eval_command, offline, obj=PluginHost())
+    assert "--write-k goes with --engine vllm-server" in str(refused.exception)
     assert not (tmp_path / "d" / "eval").exists()
+
+
+def test_the_chosen_k_is_written_only_when_the_draft_pays(tmp_path: Path, tiny_verifier: Path):
+    """speculative_tokens becomes the chosen k, nothing else changes, the folder stays valid."""
+    from speculators_core import load_speculator
+    from speculators_core.check import check_checkpoint
+    from speculators_core.evaluate.vllm_server import write_chosen_k
+
+    eagle3 = pytest.importorskip("speculators_eagle3")
+    eagle3.Eagle3DraftModel.from_verifier(
+        tiny_verifier, aux_layer_ids=[1, 2, 3], speculative_tokens=3
+    ).save_pretrained(tmp_path / "d")
+    config_file = tmp_path / "d" / "config.json"
+    before = config_file.read_bytes()
+    host = PluginHost()
+
+    loses = write_chosen_k(
+        tmp_path / "d", _report({"1": 20.0, "2": 22.0}, 25.0, 1.3), plugin_host=host
+    )
+    assert loses.startswith("k left as recorded: the draft does not pay")
+    assert config_file.read_bytes() == before
+
+    line = write_chosen_k(
+        tmp_path / "d", _report({"1": 30.0, "2": 36.0}, 25.0, 1.6), plugin_host=host
+    )
+    assert line.startswith(f"wrote k=2 into {config_file} (was 3)")
+    old, new = json.loads(before), json.loads(config_file.read_text())
+    assert new["speculators_config"]["proposal_methods"][0]["speculative_tokens"] == 2
+    new["speculators_config"]["proposal_methods"][0]["speculative_tokens"] = 3
+    assert new == old  # nothing else changed
+    assert "model_type" not in json.loads(config_file.read_text())
+    model = load_speculator(tmp_path / "d", host=host, verifier=tiny_verifier)
+    assert model.config.speculators_config.default_proposal().speculative_tokens == 2
+    assert check_checkpoint(tmp_path / "d", host=host, verifier=tiny_verifier).codes == []
+    assert not list((tmp_path / "d").glob(".config.json.tmp-*"))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -243,8 +281,9 @@ def test_the_server_route_end_to_end(fitted: dict, tmp_path: Path):
         str(fitted["draft"]), "--verifier", str(fitted["verifier"]), "--engine", "vllm-server",
         "--k-values", "1,2", "--concurrency", "2", "--prompts", str(tmp_path / "prompts.txt"),
         "--num-prompts", str(len(QUESTIONS)), "--max-new-tokens", str(NEW_TOKENS),
-        "--output", str(tmp_path / "out"),
+        "--output", str(tmp_path / "out"), "--write-k",
     ]  # fmt: skip
+    recorded = json.loads((fitted["draft"] / "config.json").read_text())
     result = CliRunner().invoke(eval_command, args, obj=PluginHost(), catch_exceptions=False)
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "out" / "server.json").read_text())
@@ -281,6 +320,11 @@ def test_the_server_route_end_to_end(fitted: dict, tmp_path: Path):
     assert f"k at concurrency 1: {report['chosen_k']}" in result.stdout or (
         "does not pay" in result.stdout
     )
+    # --write-k: the chosen k is recorded only when the draft pays; the fixture draft is restored.
+    written = json.loads((fitted["draft"] / "config.json").read_text())
+    k_now = written["speculators_config"]["proposal_methods"][0]["speculative_tokens"]
+    assert k_now == (report["chosen_k"] if report["pays"] else 2)
+    (fitted["draft"] / "config.json").write_text(json.dumps(recorded, indent=2))
 
 
 @pytest.mark.vllm
