@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 
 def run_cli(
@@ -39,3 +40,37 @@ def run_python(
     return subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, env=full_env, timeout=300
     )
+
+
+def greedy_continuations(
+    verifier: Path, questions: list[str], new_tokens: int
+) -> tuple[Any, Any, list[list[int]], list[list[int]]]:
+    """The verifier (float32, eval), its tokenizer, each question as a chat prompt (token ids), and the
+    verifier's own greedy continuation of each (exactly ``new_tokens`` tokens): the data a test
+    draft is fitted to so that vLLM must accept its tokens."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(verifier)
+    model = AutoModelForCausalLM.from_pretrained(verifier, dtype=torch.float32).eval()
+    prompts = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": q}],
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=False,
+        )
+        for q in questions
+    ]
+    with torch.no_grad():
+        greedy = [
+            model.generate(
+                torch.tensor([p]),
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+            )[0].tolist()[len(p) :]
+            for p in prompts
+        ]
+    return model, tokenizer, prompts, greedy

@@ -38,7 +38,7 @@ QUESTIONS = [
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
     eagle3 = pytest.importorskip("speculators_eagle3")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from _support import greedy_continuations
 
     from speculators_core.evaluate.vllm_drafts import fit_draft
     from speculators_core.testing import make_tiny_verifier
@@ -46,28 +46,8 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("vllm-tiny")
     # head_dim 32: vLLM's CPU attention supports head sizes 32, 64, 80, ... (not 16).
     verifier = make_tiny_verifier(root / "verifier", num_heads=2, num_kv_heads=1)
-    tokenizer = AutoTokenizer.from_pretrained(verifier)
-    model = AutoModelForCausalLM.from_pretrained(verifier, dtype=torch.float32).eval()
-    prompts = [
-        tokenizer.apply_chat_template(
-            [{"role": "user", "content": q}],
-            add_generation_prompt=True,
-            tokenize=True,
-            return_dict=False,
-        )
-        for q in QUESTIONS
-    ]
-    with torch.no_grad():  # transformers' greedy continuations: the draft's training data
-        greedy = [
-            model.generate(
-                torch.tensor([p]),
-                max_new_tokens=NEW_TOKENS,
-                min_new_tokens=NEW_TOKENS,
-                do_sample=False,
-                pad_token_id=tokenizer.pad_token_id,
-            )[0].tolist()[len(p) :]
-            for p in prompts
-        ]
+    # transformers' greedy continuations: the draft's training data
+    model, tokenizer, prompts, greedy = greedy_continuations(verifier, QUESTIONS, NEW_TOKENS)
     counts = Counter(t for p, g in zip(prompts, greedy) for t in p + g)
     torch.manual_seed(0)  # the draft's initial weights
     draft = eagle3.Eagle3DraftModel.from_verifier(
