@@ -55,10 +55,14 @@ def _print_table(reports: list[dict[str, Any]]) -> None:
                 f"{speedup:.2f}x" if speedup is not None else "-",
             ]
         )
+    for line in _columns(header, rows):
+        click.echo(line)
+
+
+def _columns(header: list[str], rows: list[list[str]]) -> list[str]:
+    """The header and rows as left-aligned columns two spaces apart."""
     widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
-    click.echo("  ".join(h.ljust(w) for h, w in zip(header, widths)))
-    for row in rows:
-        click.echo("  ".join(str(c).ljust(w) for c, w in zip(row, widths)))
+    return ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)) for row in [header, *rows]]
 
 
 @click.command("eval")
@@ -263,9 +267,11 @@ def eval_command(
 
 def _int_list(text: str, option: str) -> list[int]:
     """``1,2,3`` as positive ints; one line naming the option otherwise."""
+    from speculators_core.options import int_list
+
     try:
-        values = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
+        values = int_list(text)
+    except (TypeError, ValueError):
         values = []
     if not values or min(values) < 1:
         raise SpeculatorsError(
@@ -363,9 +369,7 @@ def served_table(report: dict[str, Any]) -> list[str]:
         add("draft", k, measured, measured["speedup"], measured["speedup_vs_ngram"])
     ngram = report["ngram"]
     add("n-gram", str(ngram["k"]), ngram, ngram["speedup"], None)
-    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
+    lines = _columns(header, rows)
     chosen = str(report["chosen_k"])
     best = report["draft"][chosen]
     if report["pays"]:
