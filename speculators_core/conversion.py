@@ -128,6 +128,7 @@ def validate_conversion(
     from speculators_core.loading import load_speculator
     from speculators_core.plugins.host import get_host
 
+    host = host if host is not None else get_host()  # one host reloads and lints
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # validation is one step of the command: stay quiet
     try:
@@ -151,9 +152,7 @@ def validate_conversion(
             f"validation failed: {err}; --validate needs the algorithm's draft_logits"
         ) from err
     result = compare_logits(expected, got)
-    report = check_checkpoint(
-        folder, host=host if host is not None else get_host(), verifier=verifier
-    )
+    report = check_checkpoint(folder, host=host, verifier=verifier)
     problems = [f for f in report.findings if f.code not in reference.expected_findings]
     if problems:
         raise ConversionError(f"validation failed: speculators check: {problems[0]}")

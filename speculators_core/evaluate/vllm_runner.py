@@ -290,7 +290,7 @@ def _job_request(job: VllmJob, device: str) -> dict[str, Any]:
     }
 
 
-def _last_error_line(log: Path) -> str:
+def last_error_line(log: Path) -> str:
     """The most telling line of a failed worker's log (the last exception line)."""
     try:
         lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
@@ -389,7 +389,7 @@ def run_vllm_jobs(
         if returncode != 0 or not result_file.is_file():
             kept = _keep_log(log, log_file)
             raise VllmError(
-                f"the vLLM worker failed (exit code {returncode}): {_last_error_line(log)} "
+                f"the vLLM worker failed (exit code {returncode}): {last_error_line(log)} "
                 f"(full log: {kept})"
             )
         result = json.loads(result_file.read_text())

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from speculators_core.evaluate.vllm_runner import VllmError
+from speculators_core.evaluate.vllm_runner import VllmError, last_error_line
 
 __all__ = [
     "RequestResult",
@@ -145,14 +145,9 @@ class VllmServer:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def log_tail(self, lines: int = 3) -> str:
-        """The last lines of the server's log, joined on ' | ' (for one-line errors)."""
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-        kept = [line.strip() for line in text.splitlines() if line.strip()]
-        return " | ".join(kept[-lines:])
+    def log_tail(self) -> str:
+        """The most telling line of the server's log (for one-line errors)."""
+        return last_error_line(self.log_path)
 
     def check_alive(self) -> None:
         """A :class:`VllmError` if the server process has exited."""
@@ -160,7 +155,7 @@ class VllmServer:
         if code is not None:
             raise VllmError(
                 f"the '{self.name}' vllm serve exited with code {code}; its log "
-                f"{self.log_path} ends: {self.log_tail()}"
+                f"{self.log_path} says: {self.log_tail()}"
             )
 
     def wait_ready(self, timeout: float = START_TIMEOUT_S) -> None:
@@ -177,7 +172,7 @@ class VllmServer:
             time.sleep(1.0)
         raise VllmError(
             f"the '{self.name}' vllm serve did not come up within {timeout:.0f} s; its log "
-            f"{self.log_path} ends: {self.log_tail()}"
+            f"{self.log_path} says: {self.log_tail()}"
         )
 
     def stop(self) -> None:
