@@ -42,6 +42,19 @@ def run_python(
     )
 
 
+def chat_prompts(tokenizer: Any, questions: list[str]) -> list[list[int]]:
+    """Each question as one user turn with the chat template and generation prompt (token ids)."""
+    return [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": q}],
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=False,
+        )
+        for q in questions
+    ]
+
+
 def greedy_continuations(
     verifier: Path, questions: list[str], new_tokens: int
 ) -> tuple[Any, Any, list[list[int]], list[list[int]]]:
@@ -53,15 +66,7 @@ def greedy_continuations(
 
     tokenizer = AutoTokenizer.from_pretrained(verifier)
     model = AutoModelForCausalLM.from_pretrained(verifier, dtype=torch.float32).eval()
-    prompts = [
-        tokenizer.apply_chat_template(
-            [{"role": "user", "content": q}],
-            add_generation_prompt=True,
-            tokenize=True,
-            return_dict=False,
-        )
-        for q in questions
-    ]
+    prompts = chat_prompts(tokenizer, questions)
     with torch.no_grad():
         greedy = [
             model.generate(

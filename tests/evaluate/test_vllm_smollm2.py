@@ -17,6 +17,7 @@ from collections import Counter
 
 import pytest
 import torch
+from _support import chat_prompts
 
 from speculators_core import PluginHost
 from speculators_core.check import check_checkpoint
@@ -52,15 +53,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     except MissingPackageError as err:
         pytest.skip(str(err))
     tokenizer = AutoTokenizer.from_pretrained(verifier)
-    prompts = [
-        tokenizer.apply_chat_template(
-            [{"role": "user", "content": q}],
-            add_generation_prompt=True,
-            tokenize=True,
-            return_dict=False,
-        )
-        for q in QUESTIONS
-    ]
+    prompts = chat_prompts(tokenizer, QUESTIONS)
     # host: the installed plugins (the eagle3 record says how vLLM serves the draft).
     options = dict(k=K, max_new_tokens=NEW_TOKENS, max_model_len=512, host=PluginHost())
     baseline = run_vllm(verifier, None, prompts, **options)

@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from _support import chat_prompts
 from converter_helpers import make_safeailab_eagle, make_safeailab_eagle3
 
 from speculators_core import PluginHost, get_host
@@ -65,15 +66,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     exported = export_vllm_eagle(folder / "eagle1", folder / "eagle1-vllm")
 
     tokenizer = AutoTokenizer.from_pretrained(verifier)
-    prompts = [
-        tokenizer.apply_chat_template(
-            [{"role": "user", "content": q}],
-            add_generation_prompt=True,
-            tokenize=True,
-            return_dict=False,
-        )
-        for q in QUESTIONS
-    ]
+    prompts = chat_prompts(tokenizer, QUESTIONS)
     common: dict[str, Any] = {
         "prompts": prompts,
         "k": K,
