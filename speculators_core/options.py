@@ -35,6 +35,7 @@ __all__ = [
     "json_or_text",
     "parse_key_value",
     "parse_key_values",
+    "positive_ints",
     "python_value",
     "resolve_training_options",
 ]
@@ -174,6 +175,19 @@ def int_list(value: Any) -> list[int]:
     if any(isinstance(item, (bool, float)) for item in items):
         raise ValueError("not a list of integers")
     return [int(item) for item in items]
+
+
+def positive_ints(text: str, option: str) -> list[int]:
+    """``1,2,3`` as sorted distinct positive ints; one line naming ``option`` otherwise."""
+    try:
+        values = int_list(text)
+    except (TypeError, ValueError):
+        values = []
+    if not values or min(values) < 1:
+        raise SpeculatorsError(
+            f"{option} takes positive integers separated by commas, got '{text}'"
+        )
+    return sorted(set(values))
 
 
 def python_value(value: Any) -> Any:

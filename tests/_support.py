@@ -15,6 +15,7 @@ def run_cli(
     site: Path | None = None,
     env: dict[str, str] | None = None,
     cwd: Path | None = None,
+    timeout: float = 300,
 ) -> subprocess.CompletedProcess[str]:
     """Run ``python -m speculators_core ARGS`` in a subprocess with optional installed fixtures."""
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("SPECULATORS_")}
@@ -26,7 +27,7 @@ def run_cli(
         text=True,
         env=full_env,
         cwd=cwd,
-        timeout=300,
+        timeout=timeout,
     )
 
 

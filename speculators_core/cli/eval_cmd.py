@@ -10,6 +10,8 @@ from typing import Any
 import click
 
 from speculators_core.errors import SpeculatorsError
+from speculators_core.evaluate.tables import columns
+from speculators_core.options import positive_ints
 
 __all__ = ["eval_command", "resolve_verifier"]
 
@@ -55,14 +57,8 @@ def _print_table(reports: list[dict[str, Any]]) -> None:
                 f"{speedup:.2f}x" if speedup is not None else "-",
             ]
         )
-    for line in _columns(header, rows):
+    for line in columns(header, rows):
         click.echo(line)
-
-
-def _columns(header: list[str], rows: list[list[str]]) -> list[str]:
-    """The header and rows as left-aligned columns two spaces apart."""
-    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
-    return ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)) for row in [header, *rows]]
 
 
 @click.command("eval")
@@ -184,8 +180,8 @@ def eval_command(
             verifier_dir,
             prompt_source=prompt_source,
             num_prompts=num_prompts,
-            ks=_int_list(k_values, "--k-values") if k_values else [k],
-            concurrencies=_int_list(concurrency_text, "--concurrency"),
+            ks=positive_ints(k_values, "--k-values") if k_values else [k],
+            concurrencies=positive_ints(concurrency_text, "--concurrency"),
             temperature=temperature,
             max_new_tokens=max_new_tokens,
             max_prompt_tokens=max_prompt_tokens,
@@ -265,21 +261,6 @@ def eval_command(
     click.echo(f"wrote {out_dir / 'eval.json'} and {out_dir / 'acceptance.png'}")
 
 
-def _int_list(text: str, option: str) -> list[int]:
-    """``1,2,3`` as positive ints; one line naming the option otherwise."""
-    from speculators_core.options import int_list
-
-    try:
-        values = int_list(text)
-    except (TypeError, ValueError):
-        values = []
-    if not values or min(values) < 1:
-        raise SpeculatorsError(
-            f"{option} takes positive integers separated by commas, got '{text}'"
-        )
-    return sorted(set(values))
-
-
 def _measure_served(
     draft: Path,
     verifier_dir: Path,
@@ -331,61 +312,17 @@ def _measure_served(
         log_dir=output,
         echo=lambda line: click.echo(line, err=True),
     )
+    from speculators_core.evaluate.tables import served_table
+
     for line in served_table(report):
         click.echo(line)
     with atomic_file(output / "server.json") as tmp:
         tmp.write_text(json.dumps(report, indent=2))
-    click.echo(f"wrote {output / 'server.json'}")
+    from speculators_core.evaluate.plots import plot_served_speedups
+
+    plots = plot_served_speedups(report, output)
+    click.echo(f"wrote {output / 'server.json'} and {', '.join(p.name for p in plots)}")
     if write_k:
         from speculators_core.evaluate.vllm_server import write_chosen_k
 
         click.echo(write_chosen_k(draft, report, plugin_host=host))
-
-
-def served_table(report: dict[str, Any]) -> list[str]:
-    """The lines ``eval --engine vllm-server`` prints: one row per configuration and level."""
-    header = ["config", "k", "conc.", "tok/s", "TTFT ms", "ITL ms", "speed-up", "vs n-gram", "tau"]
-    rows: list[list[str]] = []
-
-    def add(name: str, k: str, measured: dict[str, Any], up: Any, vs: Any) -> None:
-        tau = measured.get("mean_acceptance_length")
-        for c, level in measured["levels"].items():
-            rows.append(
-                [
-                    name,
-                    k,
-                    c,
-                    f"{level['tokens_per_s_median']:.1f}",
-                    f"{level['ttft_median_s'] * 1000:.0f}",
-                    f"{level['itl_median_s'] * 1000:.1f}",
-                    f"{up[c]:.2f}x" if up else "-",
-                    f"{vs[c]:.2f}x" if vs else "-",
-                    f"{tau:.3f}" if tau is not None else "-",
-                ]
-            )
-
-    add("verifier", "-", report["verifier_alone"], None, None)
-    for k, measured in report["draft"].items():
-        add("draft", k, measured, measured["speedup"], measured["speedup_vs_ngram"])
-    ngram = report["ngram"]
-    add("n-gram", str(ngram["k"]), ngram, ngram["speedup"], None)
-    lines = _columns(header, rows)
-    chosen = str(report["chosen_k"])
-    best = report["draft"][chosen]
-    if report["pays"]:
-        lines.append(
-            f"fastest k at concurrency 1: {chosen} ({best['speedup']['1']:.2f}x the verifier "
-            f"alone, {best['speedup_vs_ngram']['1']:.2f}x n-gram lookup)"
-        )
-    else:
-        tau = best["mean_acceptance_length"]
-        lines.append(
-            f"the draft does not pay at any k measured here: best {best['speedup']['1']:.2f}x "
-            f"at k={chosen} (tau {tau:.2f}); a drafting round costs more than the "
-            f"{tau - 1:.2f} extra tokens it gains per verifier step"
-            if tau is not None
-            else f"the draft does not pay at any k measured here (best k={chosen})"
-        )
-    if not all(d["identical_to_verifier"] for d in report["draft"].values()):
-        lines.append("warning: a draft's outputs differ from the verifier's (should be lossless)")
-    return lines

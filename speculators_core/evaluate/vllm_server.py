@@ -216,6 +216,9 @@ class RequestResult:
     output_tokens: int
     ttft_s: float  # request sent -> first token received
     latency_s: float  # request sent -> last token received
+    #: The output's token ids (losslessness is checked on these: text can hide a difference,
+    #: and a token whose bytes do not yet form a character streams with empty text).
+    token_ids: tuple[int, ...] = ()
 
     @property
     def itl_s(self) -> float:
@@ -247,6 +250,7 @@ def complete(
         "ignore_eos": True,  # every configuration writes the same number of tokens
         "stream": True,
         "stream_options": {"include_usage": True},
+        "return_token_ids": True,  # each chunk names its tokens, also those with no text yet
     }
     host, port = base.split(":")
     conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
@@ -254,6 +258,7 @@ def complete(
     first: float | None = None
     last = started
     pieces: list[str] = []
+    ids: list[int] = []
     tokens: int | None = None
     try:
         conn.request(
@@ -276,11 +281,13 @@ def complete(
             if event.get("usage"):
                 tokens = int(event["usage"]["completion_tokens"])
             for choice in event.get("choices") or []:
-                if choice.get("text"):
+                chunk_ids = choice.get("token_ids") or []
+                if chunk_ids or choice.get("text"):
                     now = time.perf_counter()
                     first = now if first is None else first
                     last = now
-                    pieces.append(choice["text"])
+                    pieces.append(choice.get("text") or "")
+                    ids.extend(int(t) for t in chunk_ids)
     except (OSError, http.client.HTTPException) as err:
         raise VllmError(f"the request to vllm serve at {base} failed: {err!r}") from err
     finally:
@@ -289,9 +296,10 @@ def complete(
         raise VllmError(f"vllm serve at {base} streamed no tokens for a completion")
     return RequestResult(
         text="".join(pieces),
-        output_tokens=tokens if tokens is not None else len(pieces),
+        output_tokens=tokens if tokens is not None else len(ids) or len(pieces),
         ttft_s=first - started,
         latency_s=last - started,
+        token_ids=tuple(ids),
     )
 
 
@@ -439,6 +447,7 @@ class ServerMeasurement:
     argv: list[str]
     levels: dict[int, LevelStats] = field(default_factory=dict)
     texts: list[str] = field(default_factory=list)  # concurrency-1 outputs, prompt order
+    outputs: list[tuple[int, ...]] = field(default_factory=list)  # their token ids
     counters: SpecCounters = field(default_factory=SpecCounters)
 
     def to_json(self) -> dict[str, Any]:
@@ -491,6 +500,7 @@ def measure_server(
             if before is not None:
                 measurement.counters = read_spec_counters(server.base) - before
                 measurement.texts = [r.text for r in results]
+                measurement.outputs = [r.token_ids for r in results]
             stats = measurement.levels[concurrency]
             say(
                 f"[{name}] concurrency {concurrency}: {stats.tokens_per_s_median:.1f} tokens/s "
@@ -503,6 +513,13 @@ def measure_server(
 # ------------------------------------------------------------------------------------------------
 # The draft against the verifier alone and n-gram lookup, and the choice of k
 # ------------------------------------------------------------------------------------------------
+
+
+def _same_outputs(a: ServerMeasurement, b: ServerMeasurement) -> bool:
+    """Token for token where the server returned ids (vLLM does), else text for text."""
+    if a.outputs and b.outputs and all(a.outputs) and all(b.outputs):
+        return a.outputs == b.outputs
+    return a.texts == b.texts
 
 
 def compare_served(
@@ -519,6 +536,8 @@ def compare_served(
     echo: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Serve and measure the verifier alone, the draft at each k and n-gram lookup; one at a time.
+
+    n-gram lookup proposes ``max(k_values)`` tokens per round.
 
     Returns the report ``eval --engine vllm-server`` writes: each configuration's measurement,
     the speed-up of each k at each concurrency against the verifier alone and against n-gram
@@ -552,7 +571,9 @@ def compare_served(
         k: measure_server(f"draft-k{k}", command.argv, command.env, model, prompts, **common)
         for k, command in commands.items()
     }
-    ngram_k = k_values[0]
+    # n-gram lookup proposes as many tokens as the longest draft measured: its rounds are cheap
+    # (no model), so a longer proposal is its most favourable setting among those compared.
+    ngram_k = max(k_values)
     ngram = measure_server(
         f"ngram-k{ngram_k}", ngram_argv(first.argv, ngram_k), first.env, model, prompts, **common
     )
@@ -565,7 +586,7 @@ def compare_served(
     for k, measured in drafts.items():
         per_k[str(k)] = {
             **measured.to_json(),
-            "identical_to_verifier": measured.texts == verifier_alone.texts,
+            "identical_to_verifier": _same_outputs(measured, verifier_alone),
             "speedup": {str(c): rate(measured, c) / rate(verifier_alone, c) for c in levels},
             "speedup_vs_ngram": {str(c): rate(measured, c) / rate(ngram, c) for c in levels},
         }
@@ -581,7 +602,7 @@ def compare_served(
         "ngram": {
             **ngram.to_json(),
             "k": ngram_k,
-            "identical_to_verifier": ngram.texts == verifier_alone.texts,
+            "identical_to_verifier": _same_outputs(ngram, verifier_alone),
             "speedup": {str(c): rate(ngram, c) / rate(verifier_alone, c) for c in levels},
         },
         "draft": per_k,

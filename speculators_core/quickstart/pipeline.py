@@ -12,7 +12,13 @@ Stages, each resumable and each writing its own folder under the output folder:
    the evaluation reserve): a few calibration steps measure the step time, which fixes the step
    count and so the learning-rate schedule; checkpoints every few minutes make it resumable;
 6. ``eval``: acceptance on held-out prompts with the reference decoder and with vLLM;
-7. ``report``: ``report.json``, ``acceptance.png``, ``training.png`` and the ``vllm serve`` line.
+7. ``serve``: speed as users feel it, after the budget: ``vllm serve`` for the verifier alone,
+   the draft at each k of ``server_k_values`` and vLLM's n-gram lookup, one at a time, driven
+   over HTTP at concurrency 1 and a sweep; the fastest k at concurrency 1 is chosen and, when the
+   draft pays, written into it (``serve/server.json``, ``speedup_vs_k.png``,
+   ``speedup_vs_concurrency.png``);
+8. ``report``: ``report.json``, ``acceptance.png``, ``training.png`` and the ``vllm serve`` line
+   (at the chosen k).
 
 ``quickstart.json`` in the output folder records the settings and each finished stage, so a
 rerun of the same command (``--resume`` says so explicitly) skips what is done and continues the
@@ -542,11 +548,11 @@ def _eval_stage(
     if settings.vllm_eval and not servable:
         echo(f"[eval] vLLM cannot serve algorithm '{settings.algorithm}': skipping vLLM")
     elif settings.vllm_eval and vllm_available():
-        echo(
-            f"[eval] vLLM: {len(prompts)} held-out prompts, k={settings.k}, greedy, with and without the draft"
-        )
+        echo(f"[eval] vLLM: {len(prompts)} held-out prompts, k={settings.k}, greedy")
         results.append(
-            evaluate_vllm(speculator, verifier, prompts, baseline=True, host=host, **common)  # type: ignore[arg-type]
+            # Acceptance only: speed is measured as users feel it, through vllm serve (the
+            # serve stage); the offline engine's batched throughput is not that figure.
+            evaluate_vllm(speculator, verifier, prompts, baseline=False, host=host, **common)  # type: ignore[arg-type]
         )
     elif settings.vllm_eval:
         echo("[eval] vLLM is not installed: skipping the vLLM measurement")
@@ -569,6 +575,76 @@ def _eval_stage(
         "eval", seconds=time.perf_counter() - started, results=results, num_prompts=len(prompts)
     )
     return results
+
+
+def _serve_stage(
+    state: _State,
+    settings: QuickstartSettings,
+    verifier: Path,
+    speculator: Path,
+    out: Path,
+    echo: Echo,
+    host: PluginHost,
+) -> dict[str, Any] | None:
+    """Speed as users feel it: ``vllm serve`` for the verifier, the draft at each k, n-gram.
+
+    Writes ``serve/server.json`` and the two speed-up PNGs, and the fastest k into the draft
+    when it pays. Returns the measurement (None when skipped).
+    """
+    if state.done("serve"):
+        recorded = state.stages["serve"]
+        return dict(recorded["report"]) if recorded.get("report") else None
+    from speculators_core.evaluate.vllm_runner import vllm_available
+
+    serving = host.algorithm(settings.algorithm).vllm
+    skip = None
+    if not settings.server_eval:
+        skip = "switched off (--no-server-eval)"
+    elif serving is None or serving.export:
+        skip = f"vLLM cannot serve algorithm '{settings.algorithm}' from its folder"
+    elif not vllm_available():
+        skip = "vLLM is not installed"
+    if skip is not None:
+        if settings.server_eval:
+            echo(f"[serve] {skip}: skipping the speed measurement")
+        state.finish("serve", seconds=0.0, skipped=skip, report=None)
+        return None
+
+    from speculators_core.evaluate.plots import plot_served_speedups
+    from speculators_core.evaluate.vllm_server import compare_served, write_chosen_k
+
+    started = time.perf_counter()
+    prompts, _ = _eval_prompts(settings, verifier)
+    prompts = prompts[: settings.server_prompts]
+    folder = out / "serve"
+    (folder / "logs").mkdir(parents=True, exist_ok=True)
+    servers = len(settings.server_k_values) + 2
+    echo(
+        f"[serve] speed through vllm serve: {servers} servers one at a time (verifier alone, "
+        f"draft at k={','.join(map(str, settings.server_k_values))}, n-gram lookup), "
+        f"{len(prompts)} prompts, concurrency {','.join(map(str, settings.server_concurrency))}"
+    )
+    report = compare_served(
+        speculator,
+        prompts,
+        plugin_host=host,
+        k_values=settings.server_k_values,
+        concurrencies=settings.server_concurrency,
+        max_new_tokens=settings.eval_max_new_tokens,
+        verifier=str(verifier),
+        log_dir=folder / "logs",
+        echo=lambda line: echo(f"[serve] {line}"),
+    )
+    with atomic_file(folder / "server.json") as tmp:
+        tmp.write_text(json.dumps(report, indent=2) + "\n")
+    plot_served_speedups(report, out)
+    from speculators_core.evaluate.tables import served_table
+
+    for line in served_table(report):
+        echo(f"[serve] {line}")
+    echo(f"[serve] {write_chosen_k(speculator, report, plugin_host=host)}")
+    state.finish("serve", seconds=time.perf_counter() - started, report=report)
+    return report
 
 
 # ------------------------------------------------------------------------------------------
@@ -627,8 +703,16 @@ def run_quickstart(
         with atomic_directory(speculator, overwrite=True) as tmp:
             shutil.copytree(final, tmp, dirs_exist_ok=True)
     results = _eval_stage(state, settings, verifier, speculator, echo, host)
+    served = _serve_stage(state, settings, verifier, speculator, out, echo, host)
     report = write_report(
-        out, state.stages, settings, speculator, results, run_dir=out / "train", host=host
+        out,
+        state.stages,
+        settings,
+        speculator,
+        results,
+        run_dir=out / "train",
+        host=host,
+        served=served,
     )
     state.finish("report", seconds=0.0, total_seconds=report["total_seconds"])
     command = str(report["serve_command"])  # built once, by the report

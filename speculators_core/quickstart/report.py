@@ -1,4 +1,8 @@
-"""The quickstart's report: ``report.json``, ``acceptance.png``, ``training.png``, the serve line."""
+"""The quickstart's report: ``report.json``, ``acceptance.png``, ``training.png``, the serve line.
+
+The speed PNGs (``speedup_vs_k.png``, ``speedup_vs_concurrency.png``) are written by the serve
+stage, next to them.
+"""
 
 from __future__ import annotations
 
@@ -19,16 +23,17 @@ __all__ = ["plot_training", "serve_command", "training_curves", "write_report"]
 REPORT_NAME = "report.json"
 
 
-def serve_command(speculator: Path, host: PluginHost) -> str:
+def serve_command(speculator: Path, host: PluginHost, *, k: int | None = None) -> str:
     """The shell line that serves ``speculator`` with vLLM (the CPU settings included on a CPU).
 
-    The method comes from the algorithm's record in ``host``; when vLLM cannot serve the
-    algorithm, the line says so instead (the run itself is fine).
+    The method comes from the algorithm's record in ``host``; ``k`` replaces the recorded
+    number of draft tokens (the quickstart passes the k its serve stage chose). When vLLM
+    cannot serve the algorithm, the line says so instead (the run itself is fine).
     """
     from speculators_core.cli.serve import build_serve_command
 
     try:
-        return build_serve_command(speculator, plugin_host=host).shell()
+        return build_serve_command(speculator, plugin_host=host, k=k).shell()
     except SpeculatorsError as err:
         return f"(no vllm serve command: {err})"
 
@@ -86,6 +91,34 @@ def plot_training(curves: dict[str, list[tuple[float, float]]], path: Path, *, t
     plt.close(fig)
 
 
+def _speed(served: dict[str, Any] | None) -> dict[str, Any]:
+    """The report's speed fields from the serve stage's measurement (None where not measured)."""
+    if not served:
+        return {"speedup": None, "chosen_k": None, "serving": None}
+    chosen = str(served["chosen_k"])
+    draft = served["draft"][chosen]
+    return {
+        # One request at a time through vllm serve: the latency speculative decoding is for.
+        "speedup": draft["speedup"]["1"],
+        "chosen_k": int(chosen),
+        "serving": {
+            "pays": served["pays"],
+            "tokens_per_s": draft["levels"]["1"]["tokens_per_s_median"],
+            "verifier_tokens_per_s": served["verifier_alone"]["levels"]["1"]["tokens_per_s_median"],
+            "mean_acceptance_length": draft["mean_acceptance_length"],
+            "identical_to_verifier": draft["identical_to_verifier"],
+            "speedup_vs_ngram": draft["speedup_vs_ngram"]["1"],
+            "ngram_speedup": served["ngram"]["speedup"]["1"],
+            "speedup_by_k": {k: d["speedup"]["1"] for k, d in served["draft"].items()},
+            "speedup_by_concurrency": draft["speedup"],
+            "prompts": served["prompts"],
+            "max_new_tokens": served["max_new_tokens"],
+            "plots": ["speedup_vs_k.png", "speedup_vs_concurrency.png"],
+            "measurement": "serve/server.json",
+        },
+    }
+
+
 def write_report(
     out: Path,
     stages: dict[str, dict[str, Any]],
@@ -95,10 +128,14 @@ def write_report(
     *,
     run_dir: Path,
     host: PluginHost,
+    served: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write ``report.json`` and the two plots into ``out``; return the report.
 
     ``host`` is the plugin host that says how vLLM serves the algorithm (the serve line).
+    ``served`` is the serve stage's measurement (``compare_served``'s report) or None: when
+    given, the report's speed figure (``speedup``) is its concurrency-1 speed-up at the chosen
+    k, and the serve line uses that k.
     """
     from speculators_core.evaluate.plots import plot_acceptance
 
@@ -122,7 +159,10 @@ def write_report(
         "evaluation": results,
         "mean_acceptance_length": headline["mean_acceptance_length"] if headline else None,
         "measured_by": headline["engine"] if headline else None,
-        "serve_command": serve_command(speculator, host),
+        **_speed(served),
+        "serve_command": serve_command(
+            speculator, host, k=int(served["chosen_k"]) if served else None
+        ),
     }
     with atomic_file(out / REPORT_NAME) as tmp:
         tmp.write_text(json.dumps(report, indent=2) + "\n")

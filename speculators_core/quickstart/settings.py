@@ -83,6 +83,16 @@ class QuickstartSettings:
     #: prompt at a time: on a 2-core CPU all 32 took 7.5 minutes; vLLM measures them all).
     reference_prompts: int = 8
     vllm_eval: bool = True
+    #: After the draft is made: ``vllm serve`` for the verifier alone, the draft at each of
+    #: :attr:`server_k_values` and n-gram lookup, one at a time, driven over HTTP with the first
+    #: :attr:`server_prompts` evaluation prompts at each :attr:`server_concurrency` level; the
+    #: fastest k at concurrency 1 is chosen (written into the draft when it pays) and the report's
+    #: speed figure is its speed-up. Skipped when vLLM is not installed. Not part of the budget:
+    #: it measures the draft the budget made (about 1.5 minutes per server on a 2-core CPU).
+    server_eval: bool = True
+    server_k_values: list[int] = field(default_factory=lambda: [1, 2, 3])
+    server_concurrency: list[int] = field(default_factory=lambda: [1, 4])
+    server_prompts: int = 8
     seed: int = 0
 
     #: Fields that may differ on resume: they do not change the data or the draft's definition.
@@ -95,6 +105,10 @@ class QuickstartSettings:
         "reference_eval",
         "reference_prompts",
         "vllm_eval",
+        "server_eval",
+        "server_k_values",
+        "server_concurrency",
+        "server_prompts",
     )
 
     def __post_init__(self) -> None:
@@ -116,6 +130,15 @@ class QuickstartSettings:
             raise SpeculatorsError(
                 "--eval-prompts, --eval-max-new-tokens and --reference-prompts must be >= 1"
             )
+        if self.server_prompts < 1:
+            raise SpeculatorsError("--server-prompts must be at least 1")
+        for name in ("server_k_values", "server_concurrency"):
+            values = getattr(self, name)
+            if not values or any(int(v) < 1 for v in values):
+                raise SpeculatorsError(
+                    f"--{name.replace('_', '-')} takes positive integers, not {values!r}"
+                )
+            setattr(self, name, sorted({int(v) for v in values}))
         if not isinstance(self.algo_options, dict):
             raise SpeculatorsError(
                 f"algo_options must be a mapping of option names to values, not {self.algo_options!r}"

@@ -143,7 +143,7 @@ def test_quickstart_trains_the_plugins_algorithm(
         "quickstart", "--algorithm", "fixture-mlp", "--verifier", str(tiny_verifier),
         "--data", str(chats), "--output", str(out), "--budget-minutes", "0.5",
         "--eval-reserve-minutes", "0.1", "--samples", "8", "--max-new-tokens", "16",
-        "--draft-vocab-size", "64", "--train-seq-len", "128", "--no-vllm-eval",
+        "--draft-vocab-size", "64", "--train-seq-len", "128", "--no-vllm-eval", "--no-server-eval",
         "--prompts", str(tmp_path / "prompts.txt"), "--eval-prompts", "2",
         "--eval-max-new-tokens", "8", "-k", "2",
     ]  # fmt: skip

@@ -64,6 +64,53 @@ def test_request_timings():
     assert RequestResult("a", 1, 0.1, 0.1).itl_s == 0.0
 
 
+def _sse_server(events: list[dict]) -> tuple[object, int]:
+    """A local HTTP server that streams ``events`` as server-sent events to any POST."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.end_headers()
+            for event in events:
+                self.wfile.write(f"data: {json.dumps(event)}\n\n".encode())
+                self.wfile.flush()
+                time.sleep(0.01)
+            self.wfile.write(b"data: [DONE]\n\n")
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, server.server_address[1]
+
+
+def test_the_client_counts_tokens_that_stream_with_no_text_yet():
+    """A token whose bytes do not yet form a character streams with empty text: still a token,
+    still timed; the ids are what losslessness is judged on."""
+    from speculators_core.evaluate.vllm_server import complete
+
+    events = [
+        {"choices": [{"text": "", "token_ids": [7]}]},
+        {"choices": [{"text": "é", "token_ids": [8]}]},
+        {"choices": [{"text": "ab", "token_ids": [9, 10]}]},
+        {"choices": [], "usage": {"completion_tokens": 4}},
+    ]
+    server, port = _sse_server(events)
+    try:
+        result = complete(f"127.0.0.1:{port}", "m", [1, 2], max_tokens=4)
+    finally:
+        server.shutdown()
+    assert result.token_ids == (7, 8, 9, 10)
+    assert result.text == "éab"
+    assert result.output_tokens == 4
+    assert 0 < result.ttft_s < result.latency_s  # timed from the first chunk, empty text or not
+    assert result.itl_s == pytest.approx((result.latency_s - result.ttft_s) / 3)
+
+
 def test_the_baselines_are_the_same_command_without_the_draft():
     argv = ["vllm", "serve", "/v", "--speculative-config", '{"method": "eagle3"}', "--dtype", "x"]
     assert verifier_argv(argv) == ["vllm", "serve", "/v", "--dtype", "x"]
@@ -131,7 +178,7 @@ def _report(draft_rates: dict[str, float], verifier_rate: float, tau: float) -> 
 
 
 def test_the_printed_table_names_the_fastest_k_or_says_the_draft_does_not_pay():
-    from speculators_core.cli.eval_cmd import served_table
+    from speculators_core.evaluate.tables import served_table
 
     pays = served_table(_report({"1": 30.0, "2": 36.0}, 25.0, 1.6))
     assert [line.split()[0] for line in pays[1:5]] == ["verifier", "draft", "draft", "n-gram"]

@@ -75,6 +75,7 @@ def _args(root: Path, output: Path, *extra: str) -> list[str]:
         "--train-seq-len",
         "256",
         "--no-vllm-eval",
+        "--no-server-eval",
         "--prompts",
         str(root / "prompts.txt"),
         "--eval-prompts",
@@ -106,8 +107,11 @@ def test_quickstart_writes_a_served_draft_and_a_consistent_report(finished_run):
         "train-plan",
         "train",
         "eval",
+        "serve",
         "report",
     }
+    # --no-server-eval: the speed stage is recorded as skipped, and the report has no speed.
+    assert state["stages"]["serve"]["skipped"] == "switched off (--no-server-eval)"
     assert state["stages"]["data"]["regenerated"] is True
     assert state["stages"]["data"]["samples"] == 12
     # The default route answers and captures in one pass: the store holds every sample.
@@ -155,6 +159,7 @@ def test_quickstart_writes_a_served_draft_and_a_consistent_report(finished_run):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "serve it with:" in stdout and str(speculator) in stdout
     assert str(speculator) in report["serve_command"]
+    assert report["speedup"] is None and report["chosen_k"] is None  # --no-server-eval
 
 
 @pytest.mark.parametrize("flag", ["--resume", None])
@@ -180,7 +185,7 @@ def test_interrupted_training_resumes_to_the_same_weights(finished_run, workdir)
     want = load_file(out / "speculator" / "model.safetensors")
     state_file = out / "quickstart.json"
     state = json.loads(state_file.read_text())
-    for stage in ("train", "eval", "report"):
+    for stage in ("train", "eval", "serve", "report"):
         del state["stages"][stage]
     state_file.write_text(json.dumps(state))
     shutil.rmtree(out / "speculator")

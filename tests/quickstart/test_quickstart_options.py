@@ -76,3 +76,27 @@ def test_ttt_steps_flag_is_refused_before_any_output_when_the_algorithm_lacks_it
         mistyped.exception
     )
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--server-k-values", "1,x"], "--server-k-values takes positive integers separated by"),
+        (["--server-concurrency", "0,4"], "--server-concurrency takes positive integers separated"),
+    ],
+)
+def test_bad_serve_stage_options_are_one_line_before_any_output(tmp_path, args, message):
+    out = tmp_path / "out"
+    result = CliRunner().invoke(quickstart_command, ["--output", str(out), *args])
+    assert message in str(result.exception), result.output
+    assert not out.exists()
+
+
+def test_serve_stage_settings_are_sorted_distinct_and_free_on_resume():
+    settings = QuickstartSettings(server_k_values=[3, 1, 3], server_concurrency=[4, 1])
+    assert settings.server_k_values == [1, 3] and settings.server_concurrency == [1, 4]
+    with pytest.raises(Exception, match="--server-k-values takes positive integers"):
+        QuickstartSettings(server_k_values=[])
+    recorded = QuickstartSettings().to_json()
+    changed = QuickstartSettings(server_k_values=[2], server_prompts=3, server_eval=False)
+    assert changed.changed_fixed_fields(recorded) == []
