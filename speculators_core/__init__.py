@@ -34,6 +34,7 @@ from speculators_core.model import SpeculatorModel, TrainingStepOutput
 from speculators_core.plugins import (
     Algorithm,
     Converter,
+    Objective,
     PluginHost,
     PluginSettings,
     ProposalMethod,
@@ -58,6 +59,7 @@ __all__ = [
     "GreedyTokenProposalConfig",
     "HiddenStateSpec",
     "LintContext",
+    "Objective",
     "PluginError",
     "PluginHost",
     "PluginSettings",

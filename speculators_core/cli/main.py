@@ -32,6 +32,7 @@ BUILTIN_COMMANDS: dict[str, str] = {
     "plugins": "speculators_core.cli.plugins_cmd:plugins_command",
     "data": "speculators_core.cli.data:data_group",
     "train": "speculators_core.cli.train:train_command",
+    "objectives": "speculators_core.cli.objectives_cmd:objectives_command",
     "eval": "speculators_core.cli.eval_cmd:eval_command",
     "check": "speculators_core.cli.check:check_command",
     "convert": "speculators_core.cli.convert:convert_command",

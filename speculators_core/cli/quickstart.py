@@ -92,6 +92,13 @@ __all__ = ["quickstart_command"]
     help="An option of the algorithm, as for 'speculators train --algo-opt' (its help lists "
     "them); checked and converted to the declared type before anything runs. Repeatable.",
 )
+@click.option(
+    "--loss",
+    default=None,
+    metavar="SPEC",
+    help="The training objective, as for 'speculators train --loss' (a name or a weighted mix "
+    "such as kl=0.5,lk=0.5; 'speculators objectives' lists them). Default: the algorithm's.",
+)
 @click.option("--learning-rate", type=float, default=1e-3, show_default=True)
 @click.option(
     "--train-seq-len",
@@ -201,6 +208,7 @@ def quickstart_command(
     k: int,
     ttt_steps: int | None,
     algo_opt: tuple[str, ...],
+    loss: str | None,
     learning_rate: float,
     train_seq_len: int,
     generation_backend: str,
@@ -228,12 +236,12 @@ def quickstart_command(
     and OUTPUT/training.png. Interrupted runs continue with --resume.
     """
     from speculators_core.cli.plugin_host import command_host
-    from speculators_core.cli.train import parse_algo_options
+    from speculators_core.cli.train import parse_algo_options, with_loss
     from speculators_core.options import positive_ints
     from speculators_core.quickstart.pipeline import run_quickstart
     from speculators_core.quickstart.settings import QuickstartSettings
 
-    algo_options: dict[str, Any] = dict(parse_algo_options(algo_opt))
+    algo_options: dict[str, Any] = with_loss(dict(parse_algo_options(algo_opt)), loss)
     if ttt_steps is not None:
         if "ttt_steps" in algo_options and str(algo_options["ttt_steps"]).strip() != str(ttt_steps):
             raise SpeculatorsError(

@@ -22,6 +22,7 @@ from typing import Any
 import click
 
 from speculators_core.cli.plugin_host import command_host
+from speculators_core.errors import SpeculatorsError
 from speculators_core.options import OptionText, describe_training_options, parse_key_values
 from speculators_core.train.arguments import TrainingArguments
 from speculators_core.train.errors import TrainingConfigError
@@ -111,6 +112,7 @@ def _run(
     *,
     config_file: Path | None,
     algo_opt: tuple[str, ...],
+    loss: str | None,
     dry_run: bool,
     **values: Any,
 ) -> None:
@@ -130,7 +132,9 @@ def _run(
     for flag in ("online", "overwrite", "resume"):
         if not values.get(flag):
             values[flag] = None
-    config = resolve_run_config(file_values, values, parse_algo_options(algo_opt))
+    config = resolve_run_config(
+        file_values, values, with_loss(dict(parse_algo_options(algo_opt)), loss)
+    )
     ctx = DistributedContext.from_env(config.training.device)
     try:
         prepared = prepare_run(config, host=command_host(), ctx=ctx)
@@ -147,6 +151,19 @@ def _run(
             )
     finally:
         ctx.close()
+
+
+def with_loss(algo_options: dict[str, Any], loss: str | None) -> dict[str, Any]:
+    """``--loss SPEC`` as the algorithm option ``objective`` (refused in one line when it and
+    ``--algo-opt objective=...`` disagree; an algorithm without the option refuses it itself)."""
+    if loss is None:
+        return algo_options
+    given = algo_options.get("objective")
+    if given is not None and str(given).strip() != loss.strip():
+        raise SpeculatorsError(
+            f"--loss {loss} and --algo-opt objective={given} disagree; pass one of them"
+        )
+    return {**algo_options, "objective": loss}
 
 
 def algorithm_options_help() -> list[str]:
@@ -266,6 +283,14 @@ def _build_command() -> click.Command:
             "(see 'Algorithm options' below; an unknown name is refused). For an algorithm that "
             "declares none, VALUE is read as JSON (3, true, [2,15,27]), else kept as a string. "
             "Example: --algo-opt ttt_steps=3 --algo-opt layer_type=qwen3.",
+        ),
+        click.Option(
+            ["--loss"],
+            default=None,
+            metavar="SPEC",
+            help="The training objective (the algorithm option 'objective'): a name, or a "
+            "weighted mix such as kl=0.5,lk=0.5; 'speculators objectives' lists the installed "
+            "ones (default: the algorithm's, forward KL for eagle3).",
         ),
         click.Option(
             ["--overwrite"],

@@ -16,6 +16,7 @@ from speculators_core.plugins.host import (
 from speculators_core.plugins.records import (
     Algorithm,
     Converter,
+    Objective,
     ProposalMethod,
     TrainingOption,
     VllmServing,
@@ -29,6 +30,7 @@ __all__ = [
     "Converter",
     "EntryPointInfo",
     "LoadFailure",
+    "Objective",
     "PluginHost",
     "PluginSettings",
     "ProposalMethod",

@@ -7,7 +7,7 @@ from typing import Any
 
 from speculators_core.config import GreedyTokenProposalConfig
 from speculators_core.plugins.hookspecs import hookimpl
-from speculators_core.plugins.records import ProposalMethod
+from speculators_core.plugins.records import Objective, ProposalMethod
 
 
 @hookimpl
@@ -19,6 +19,17 @@ def speculators_register_proposal_methods() -> Sequence[ProposalMethod]:
             config_class=GreedyTokenProposalConfig,
             description="chain drafting of speculative_tokens tokens, each the draft's argmax",
         )
+    ]
+
+
+@hookimpl
+def speculators_register_objectives() -> Sequence[Objective]:
+    """The standard objectives (:mod:`speculators_core.objectives`)."""
+    from speculators_core.objectives import BUILTIN_OBJECTIVES
+
+    return [
+        Objective(name=name, loss=loss, description=description)
+        for name, (loss, description) in BUILTIN_OBJECTIVES.items()
     ]
 
 

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 if TYPE_CHECKING:
-    from speculators_core.plugins.records import Algorithm, Converter, ProposalMethod
+    from speculators_core.plugins.records import Algorithm, Converter, Objective, ProposalMethod
 
 __all__ = ["PROJECT_NAME", "hookimpl", "hookspec"]
 
@@ -87,6 +87,24 @@ def speculators_register_converters() -> Sequence[Converter]:
         def speculators_register_converters():
             return [Converter(name="safeailab-eagle3", algorithm="eagle3",
                               detect=looks_like_safeailab_eagle3, convert=convert_safeailab_eagle3)]
+    """
+
+
+@hookspec
+def speculators_register_objectives() -> Sequence[Objective]:
+    """Return the training objectives this plugin provides.
+
+    Called once per plugin host, when an objective is looked up by name (``--loss``). The core
+    provides ``kl``, ``rkl``, ``jsd``, ``tv``, ``ce``, ``nla`` and ``lk``
+    (:mod:`speculators_core.objectives`). ``loss(logits, target)`` takes the draft's logits
+    ``[N, V]`` and the verifier's :class:`~speculators_core.objectives.TargetDistribution` at
+    the same rows, and returns the per-position loss ``[N]`` in fp32.
+
+    Example::
+
+        @hookimpl
+        def speculators_register_objectives():
+            return [Objective(name="focal", loss=focal_loss, description="...")]
     """
 
 

@@ -28,7 +28,7 @@ from stevedore import NamedExtensionManager
 
 from speculators_core.errors import PluginError, UnknownAlgorithmError
 from speculators_core.plugins import hookspecs
-from speculators_core.plugins.records import Algorithm, Converter, ProposalMethod
+from speculators_core.plugins.records import Algorithm, Converter, Objective, ProposalMethod
 
 __all__ = [
     "ALL_GROUPS",
@@ -178,7 +178,7 @@ def list_entry_points(groups: Iterable[str] = ALL_GROUPS) -> list[EntryPointInfo
     return sorted(found, key=lambda i: (i.group, i.name, i.distribution or ""))
 
 
-R = TypeVar("R", Algorithm, ProposalMethod, Converter)
+R = TypeVar("R", Algorithm, ProposalMethod, Converter, Objective)
 
 
 class PluginHost:
@@ -364,6 +364,10 @@ class PluginHost:
         """Installed checkpoint converters by name."""
         return self._records("speculators_register_converters", "converter", Converter)
 
+    def objectives(self) -> dict[str, Objective]:
+        """Installed training objectives by name (the core's and the plugins')."""
+        return self._records("speculators_register_objectives", "objective", Objective)
+
     def _missing(
         self, kind: str, name: str, group: str | None, installed: Iterable[str]
     ) -> PluginError:
@@ -408,6 +412,13 @@ class PluginHost:
         table = self.converters()
         if name not in table:
             raise self._missing("converter", name, "speculators.converters", table)
+        return table[name]
+
+    def objective(self, name: str) -> Objective:
+        """The objective called ``name``, or a clear error listing the installed ones."""
+        table = self.objectives()
+        if name not in table:
+            raise self._missing("objective", name, None, table)
         return table[name]
 
     def training_callbacks(self, args: Any) -> list[Any]:

@@ -20,6 +20,8 @@ __all__ = [
     "Converter",
     "DetectFunction",
     "LintFunction",
+    "Objective",
+    "ObjectiveLoss",
     "ProposalMethod",
     "TrainingOption",
     "VllmServing",
@@ -116,5 +118,27 @@ class Converter:
     algorithm: str
     detect: DetectFunction
     convert: ConvertFunction
+    description: str = ""
+    provided_by: str = field(default="", compare=False)
+
+
+#: ``loss(logits, target) -> per-position loss``: draft logits ``[N, V]`` and the verifier's
+#: :class:`~speculators_core.objectives.TargetDistribution` at the same rows -> ``[N]`` fp32,
+#: differentiable in ``logits``.
+ObjectiveLoss = Callable[..., Any]
+
+
+@dataclass(frozen=True)
+class Objective:
+    """A training objective: a per-position loss between the draft's and the verifier's
+    next-token distributions (:mod:`speculators_core.objectives`).
+
+    ``name`` is what users type (``--loss NAME`` or ``--loss NAME=W,NAME=W``). The algorithm
+    masks, weights and averages the per-position values, so ``loss`` knows nothing of masks or
+    training-time-test steps.
+    """
+
+    name: str
+    loss: ObjectiveLoss
     description: str = ""
     provided_by: str = field(default="", compare=False)

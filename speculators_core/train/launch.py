@@ -22,6 +22,7 @@ import torch
 
 from speculators_core.errors import SpeculatorsError
 from speculators_core.fsutil import atomic_file
+from speculators_core.objectives import resolve_objective_options
 from speculators_core.options import resolve_training_options
 from speculators_core.train.arguments import TrainingArguments
 from speculators_core.train.distributed import DistributedContext
@@ -336,9 +337,11 @@ def prepare_run(
         options["draft_vocab_size"] = config.draft_vocab_size
     options.update(_vocab_options(config))
     options.update(config.algo_options)
+    # Objective names are looked up in this run's host: a plugin's objective works as the core's.
+    built_with = resolve_objective_options(algorithm, options, host)
     torch.manual_seed(config.training.seed)  # a reproducible initialisation of the draft
     try:
-        model = algorithm.model_class.from_verifier(config.verifier, **options)
+        model = algorithm.model_class.from_verifier(config.verifier, **built_with)
     except TypeError as err:
         raise TrainingConfigError(
             f"algorithm '{config.algorithm}' rejected its options ({err}); check --algo-opt names"

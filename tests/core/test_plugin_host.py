@@ -49,6 +49,7 @@ def test_speculators_register_proposal_methods():
     assert sorted(host.proposal_methods()) == ["greedy", "tree"]
     assert host.proposal_methods()["greedy"].provided_by == "speculators-core (built in)"
     assert host.hooks_of("speculators.core:builtin") == [
+        "speculators_register_objectives",
         "speculators_register_proposal_methods",
         "speculators_training_callbacks",
     ]

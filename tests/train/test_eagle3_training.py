@@ -80,3 +80,46 @@ def test_speculators_train_eagle3_on_a_store(eagle3_host, eagle3_store, tmp_path
     model = load_speculator(out / "final", host=eagle3_host, verifier=verifier)
     assert model.config.draft_vocab_size == 64
     assert torch.isfinite(torch.tensor([r["loss"] for r in train])).all()
+
+
+def _first_loss(result, out: Path) -> float:
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return next(r["loss"] for r in records if "loss" in r)
+
+
+def test_a_plugin_objective_installed_in_a_site_folder_trains_by_name(
+    fixture_site, eagle3_store, tmp_path
+):
+    """The fixture distribution's 'fixture-half-kl' (0.5 x forward KL), installed with pip into a
+    site folder, is listed and selectable with --loss: the first step's loss equals the core's
+    kl=0.5 on the same seed and data; nothing in the core names it."""
+    from _support import run_cli
+
+    listing = run_cli(["objectives"], site=fixture_site)
+    assert listing.returncode == 0, listing.stderr[-2000:]
+    line = next(x for x in listing.stdout.splitlines() if x.startswith("fixture-half-kl"))
+    assert "speculators-fixture-good" in line and "0.5 x forward KL" in line
+
+    verifier, store = eagle3_store
+    common = [
+        "train", "--algorithm", "eagle3", "--verifier", str(verifier), "--data", str(store),
+        "--draft-vocab-size", "64", "--algo-opt", "ttt_steps=2", "--algo-opt", "noise_std=0",
+        "--seq-len", "256", "--max-steps", "1", "--log-every", "1", "--no-progress",
+        "--no-console-log",
+    ]  # fmt: skip
+    plugin = run_cli([*common, "--output", str(tmp_path / "a"), "--loss", "fixture-half-kl"], site=fixture_site)  # fmt: skip
+    core = run_cli([*common, "--output", str(tmp_path / "b"), "--loss", "kl=0.5"], site=fixture_site)  # fmt: skip
+    full = run_cli([*common, "--output", str(tmp_path / "c")], site=fixture_site)
+    half = _first_loss(plugin, tmp_path / "a")
+    assert half == pytest.approx(_first_loss(core, tmp_path / "b"), rel=1e-6)
+    assert half == pytest.approx(0.5 * _first_loss(full, tmp_path / "c"), rel=1e-6)
+    recorded = json.loads((tmp_path / "a" / "run_config.json").read_text())
+    assert recorded["algo_options"]["objective"] == "fixture-half-kl"
+
+    unknown = run_cli([*common, "--output", str(tmp_path / "d"), "--loss", "focal"], site=fixture_site)  # fmt: skip
+    assert unknown.returncode != 0
+    assert "no installed plugin provides objective 'focal' (installed: ce, fixture-half-kl" in (
+        unknown.stderr
+    )
+    assert not (tmp_path / "d").exists()

@@ -5,9 +5,11 @@ At TTT step ``s`` the draft's logits at aligned index ``t`` predict the token th
 (with that index's loss weight). A pair counts only when ``t + s`` lies in the same document as
 ``t`` (upstream scores across document boundaries of a packed row; this does not).
 
-* ``loss_s = gamma**s * sum_t valid_s(t) * KL(p_{t+s} || q_t) / sum_t valid_s(t)`` with forward KL
-  over the draft vocabulary, ``p`` = softmax of the verifier logits restricted to it, in fp32;
-  the total loss is ``sum_s loss_s``.
+* ``loss_s = gamma**s * sum_t valid_s(t) * D(p_{t+s}, q_t) / sum_t valid_s(t)`` over the draft
+  vocabulary, ``p`` = softmax of the verifier logits restricted to it, in fp32, where ``D`` is
+  the training objective (:mod:`speculators_core.objectives`; forward KL by default, any
+  installed objective or weighted mix by the ``objective`` option); the total loss is
+  ``sum_s loss_s``.
 * ``correct_s(t)``: draft argmax equals verifier argmax; ``chain_s(t) = correct_0..s(t)`` all
   true. ``full_acc_s`` = fraction of valid positions with ``chain_s`` (the chance that ``s + 1``
   drafted tokens are all accepted); ``cond_acc_s`` = the same among positions whose chain
@@ -18,8 +20,9 @@ At TTT step ``s`` the draft's logits at aligned index ``t`` predict the token th
 How it is computed (the same numbers, less work): :func:`plan_ttt_loss` lists, once per
 batch, the positions each step reads (:class:`TTTLossPlan`), so the model computes draft
 logits and verifier targets only there; the target log-softmax is taken once per position,
-not once per step; the KL has a hand-written backward (``softmax(logits) - p``) instead of
-autograd through every ``[N, Vd]`` temporary. :func:`ttt_loss` takes full ``[B, T, Vd]``
+not once per step (:class:`~speculators_core.objectives.TargetDistribution`); the default
+forward KL has a hand-written backward (``softmax(logits) - p``) instead of autograd through
+every ``[N, Vd]`` temporary. :func:`ttt_loss` takes full ``[B, T, Vd]``
 logits and does the same.
 """
 
@@ -27,12 +30,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
-from torch.autograd.function import once_differentiable
 
-from speculators_core import TrainingStepOutput
+from speculators_core import TrainingStepOutput, objectives
+from speculators_core.objectives import TargetDistribution, WeightedObjective, default_objective
 
 __all__ = [
     "TTTLossPlan",
@@ -54,40 +56,10 @@ def step_valid_mask(document_ids: torch.Tensor, loss_mask: torch.Tensor, step: i
     return valid
 
 
-class _ForwardKL(torch.autograd.Function):
-    """``KL(p || softmax(logits))`` per row from ``log p`` and ``p``, in fp32.
-
-    Autograd through ``log_softmax`` and the products would keep several ``[N, V]`` temporaries
-    and walk them many times; the gradient is short: ``softmax(logits) * sum(p) - p``.
-    """
-
-    @staticmethod
-    def forward(
-        ctx: Any,
-        logits: torch.Tensor,  # [..., V]
-        target_log_probs: torch.Tensor,  # [..., V] fp32
-        target_probs: torch.Tensor,  # [..., V] fp32
-    ) -> torch.Tensor:
-        log_q = torch.log_softmax(logits.float(), dim=-1)
-        kl = (target_log_probs - log_q).mul_(target_probs).sum(dim=-1)
-        ctx.save_for_backward(log_q, target_probs)
-        ctx.logits_dtype = logits.dtype
-        return kl
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        log_q, target_probs = ctx.saved_tensors
-        grad_logits = log_q.exp().mul_(target_probs.sum(dim=-1, keepdim=True))
-        grad_logits.sub_(target_probs).mul_(grad.unsqueeze(-1))
-        return grad_logits.to(ctx.logits_dtype), None, None
-
-
 def forward_kl(logits: torch.Tensor, target_logits: torch.Tensor) -> torch.Tensor:
-    """``KL(softmax(target) || softmax(logits))`` per position, in fp32: ``[..., V] -> [...]``."""
-    log_p = torch.log_softmax(target_logits.float(), dim=-1)
-    kl: torch.Tensor = _ForwardKL.apply(logits, log_p, log_p.exp())
-    return kl
+    """``KL(softmax(target) || softmax(logits))`` per position, in fp32: ``[..., V] -> [...]``
+    (the core's :func:`~speculators_core.objectives.forward_kl`, from logits)."""
+    return objectives.forward_kl(logits, TargetDistribution.from_logits(target_logits))
 
 
 @dataclass(frozen=True)
@@ -132,6 +104,7 @@ def ttt_loss(
     loss_mask: torch.Tensor,
     *,
     step_loss_decay: float = 1.0,
+    objective: WeightedObjective | None = None,
 ) -> TrainingStepOutput:
     """Loss and metrics of one TTT forward.
 
@@ -147,6 +120,7 @@ def ttt_loss(
         [logits.reshape(-1, vocab)[rows] for logits, rows in zip(step_logits, plan.rows)],
         target_logits.reshape(-1, vocab)[plan.target_rows],
         step_loss_decay=step_loss_decay,
+        objective=objective,
     )
 
 
@@ -156,24 +130,28 @@ def ttt_loss_rows(
     target_logits: torch.Tensor,
     *,
     step_loss_decay: float = 1.0,
+    objective: WeightedObjective | None = None,
 ) -> TrainingStepOutput:
     """:func:`ttt_loss` from the rows the plan names: ``step_logits[s]`` is ``[N_s, Vd]`` at
-    ``plan.rows[s]``, ``target_logits`` ``[U, Vd]`` at ``plan.target_rows``."""
+    ``plan.rows[s]``, ``target_logits`` ``[U, Vd]`` at ``plan.target_rows``. ``objective`` is
+    the per-position loss (forward KL when None)."""
     device = target_logits.device
     total = torch.zeros((), device=device)
     metrics: dict[str, torch.Tensor] = {}
     weights: dict[str, torch.Tensor] = {}
     # Once per batch, not per step: every step reads the same target distributions.
-    target_log_probs = torch.log_softmax(target_logits.float(), dim=-1)  # [U, Vd]
-    target_probs = target_log_probs.exp()
-    target_ids = target_logits.argmax(dim=-1)  # [U]
+    target = TargetDistribution.from_logits(target_logits)  # [U, Vd]
+    target_ids = target.ids  # [U]
+    score = objective if objective is not None else default_objective()
     chain = torch.ones_like(plan.valid[0])  # [B*T]: correct at every step so far
     first_count = torch.zeros((), device=device)
     for step, logits in enumerate(step_logits):
         rows, index, valid = plan.rows[step], plan.target_index[step], plan.valid[step]
         count = valid.sum()
-        kl = _ForwardKL.apply(logits, target_log_probs[index], target_probs[index])  # [N_s]
-        step_loss = (step_loss_decay**step) * (kl * valid[rows]).sum() / count.clamp(min=1)
+        per_position = score(logits, target.take(index))  # [N_s]
+        step_loss = (
+            (step_loss_decay**step) * (per_position * valid[rows]).sum() / count.clamp(min=1)
+        )
         total = total + step_loss
 
         with torch.no_grad():

@@ -52,6 +52,12 @@ from speculators_core.modeling import (
     select_attention_implementation,
     shift_left,
 )
+from speculators_core.objectives import (
+    DEFAULT_OBJECTIVE,
+    WeightedObjective,
+    default_objective,
+    resolve_objective,
+)
 from speculators_eagle3.alignment import align_batch
 from speculators_eagle3.attention import TTTMask, ttt_block_mask
 from speculators_eagle3.config import DRAFT_LAYER_TYPES, Eagle3SpeculatorConfig
@@ -207,6 +213,7 @@ class Eagle3DraftModel(HiddenStateDraftModel):
         # Training settings (not part of the saved format; see configure_training).
         self.ttt_steps = 3
         self.ttt_step_loss_decay = 1.0
+        self.objective = default_objective()
         self.noise_std = 0.05
         self.attn_implementation = "auto"
         self.train_lm_head = False
@@ -235,11 +242,18 @@ class Eagle3DraftModel(HiddenStateDraftModel):
         *,
         ttt_steps: int | None = None,
         ttt_step_loss_decay: float | None = None,
+        objective: str | WeightedObjective | None = None,
         noise_std: float | None = None,
         attn_implementation: str | None = None,
         train_lm_head: bool | None = None,
     ) -> None:
-        """Change training-only settings (they are not saved with the checkpoint)."""
+        """Change training-only settings (they are not saved with the checkpoint).
+
+        ``objective`` is the per-position loss of every TTT step: a resolved
+        :class:`~speculators_core.objectives.WeightedObjective` (what ``speculators train``
+        passes, looked up in its plugin host) or a spec such as ``"kl=0.5,lk=0.5"`` of the
+        core's objectives (resolve a plugin's with ``resolve_objective(spec, host)``).
+        """
         if ttt_steps is not None:
             if ttt_steps < 1:
                 raise SpeculatorsError(f"ttt_steps must be at least 1, got {ttt_steps}")
@@ -250,6 +264,8 @@ class Eagle3DraftModel(HiddenStateDraftModel):
                     f"ttt_step_loss_decay must be in (0, 1], got {ttt_step_loss_decay}"
                 )
             self.ttt_step_loss_decay = float(ttt_step_loss_decay)
+        if objective is not None:
+            self.objective = resolve_objective(objective)
         if noise_std is not None:
             if noise_std < 0:
                 raise SpeculatorsError(f"noise_std must be >= 0, got {noise_std}")
@@ -469,7 +485,13 @@ class Eagle3DraftModel(HiddenStateDraftModel):
         step_logits = self.ttt_forward(
             aux, input_ids, document_ids, position_ids, logit_rows=plan.rows
         )
-        return ttt_loss_rows(plan, step_logits, targets, step_loss_decay=self.ttt_step_loss_decay)
+        return ttt_loss_rows(
+            plan,
+            step_logits,
+            targets,
+            step_loss_decay=self.ttt_step_loss_decay,
+            objective=self.objective,
+        )
 
     def draft_session(self, *, batch_size: int = 1) -> Eagle3DraftSession:
         """A :class:`~speculators_eagle3.drafting.Eagle3DraftSession` for the reference decoder."""
@@ -567,6 +589,7 @@ class Eagle3DraftModel(HiddenStateDraftModel):
         train_lm_head: bool = False,
         ttt_steps: int = 3,
         ttt_step_loss_decay: float = 1.0,
+        objective: str | WeightedObjective = DEFAULT_OBJECTIVE,
         noise_std: float = 0.05,
         speculative_tokens: int | None = None,
         verifier_name_or_path: str | None = None,
@@ -588,8 +611,9 @@ class Eagle3DraftModel(HiddenStateDraftModel):
         * ``norm_before_residual``/``norm_before_fc``/``fc_norm``/``norm_output``/
           ``embed_requires_grad``: the config fields of the same names.
         * ``layer_type``: ``"llama"`` or ``"qwen3"`` draft layers.
-        * ``ttt_steps``, ``ttt_step_loss_decay``, ``noise_std``, ``attn_implementation``,
-          ``train_lm_head``: training settings (see :meth:`configure_training`).
+        * ``ttt_steps``, ``ttt_step_loss_decay``, ``objective``, ``noise_std``,
+          ``attn_implementation``, ``train_lm_head``: training settings (see
+          :meth:`configure_training`).
         * ``speculative_tokens``: what the greedy proposal records (vLLM's
           ``num_speculative_tokens``); default ``ttt_steps``.
         * ``verifier_name_or_path``: what to record as the verifier (a hub id or the path valid
@@ -653,6 +677,7 @@ class Eagle3DraftModel(HiddenStateDraftModel):
         model.configure_training(
             ttt_steps=ttt_steps,
             ttt_step_loss_decay=ttt_step_loss_decay,
+            objective=objective,
             noise_std=noise_std,
             attn_implementation=attn_implementation,
         )

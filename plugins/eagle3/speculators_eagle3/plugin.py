@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 from speculators_core import Algorithm, TrainingOption, VllmServing, hookimpl
 from speculators_core.modeling import ATTENTION_IMPLEMENTATIONS
+from speculators_core.objectives import objective_spec
 from speculators_core.options import int_list, python_value
 from speculators_eagle3.config import DRAFT_LAYER_TYPES, Eagle3SpeculatorConfig
 from speculators_eagle3.lint import lint_eagle3
@@ -52,6 +53,13 @@ TRAINING_OPTIONS: tuple[TrainingOption, ...] = (
     TrainingOption("ttt_steps", int, 3, "Training-time-test steps (draft tokens trained)."),
     TrainingOption(
         "ttt_step_loss_decay", float, 1.0, "Loss weight gamma**s of TTT step s, in (0, 1]."
+    ),
+    TrainingOption(
+        "objective",
+        objective_spec,
+        "kl",
+        "Per-position loss of every TTT step: an objective's name or a weighted mix, e.g. "
+        "kl=0.5,lk=0.5 ('speculators objectives' lists them).",
     ),
     TrainingOption(
         "noise_std", float, 0.05, "Std of the noise added to verifier features in training."

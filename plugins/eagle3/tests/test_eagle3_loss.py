@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 import torch
@@ -64,8 +65,10 @@ def plain_loop_loss(
     docs: torch.Tensor,
     mask: torch.Tensor,
     decay: float,
+    divergence: Any = None,
 ) -> dict[str, float]:
-    """FORMAT.md 3.3 per position: KL(p_{t+s} || q_t), chains of correct argmaxes, counts."""
+    """FORMAT.md 3.3 per position: KL(p_{t+s} || q_t) (or ``divergence(p, q)`` of the two
+    probability lists), chains of correct argmaxes, counts."""
     rows, length, vocab = targets.shape
     out: dict[str, float] = {}
     total = 0.0
@@ -92,9 +95,13 @@ def plain_loop_loss(
                     continue
                 p = torch.softmax(targets[b, u].double(), dim=0)
                 log_q = torch.log_softmax(logits[b, t].double(), dim=0)
-                kl_sum += sum(
-                    float(p[v]) * (math.log(float(p[v])) - float(log_q[v])) for v in range(vocab)
-                )
+                if divergence is not None:
+                    kl_sum += divergence(p.tolist(), log_q.exp().tolist())
+                else:
+                    kl_sum += sum(
+                        float(p[v]) * (math.log(float(p[v])) - float(log_q[v]))
+                        for v in range(vocab)
+                    )
                 count += 1
                 hits += chain[(b, t)]
                 survived += was_alive
@@ -174,3 +181,32 @@ def test_ttt_loss_backpropagates_and_handles_empty_masks() -> None:
     empty = ttt_loss([logits], targets, docs, torch.zeros(1, 4, dtype=torch.bool))
     assert empty.loss.item() == 0.0
     assert not any(torch.isnan(v) for v in empty.metrics.values())
+
+
+def test_ttt_loss_scores_each_step_with_the_chosen_objective() -> None:
+    """A weighted mix (2 x TV + 0.5 x CE on the verifier's token) in place of forward KL: every
+    step's loss is the plain loop with that divergence per scored position."""
+    from speculators_core import PluginHost
+    from speculators_core.objectives import resolve_objective
+
+    generator = torch.Generator().manual_seed(3)
+    aligned = align_batch(**unshifted_batch())
+    docs, mask = aligned.document_ids, aligned.loss_mask
+    targets = torch.randn(2, 10, 7, generator=generator) * 2
+    step_logits = [torch.randn(2, 10, 7, generator=generator) * 2 for _ in range(2)]
+
+    def mix(p: list[float], q: list[float]) -> float:
+        tv = 0.5 * sum(abs(a - b) for a, b in zip(p, q))
+        star = max(range(len(p)), key=p.__getitem__)
+        return 2 * tv + 0.5 * -math.log(q[star])
+
+    objective = resolve_objective("tv=2,ce=0.5", PluginHost())
+    out = ttt_loss(step_logits, targets, docs, mask, step_loss_decay=0.7, objective=objective)
+    expected = plain_loop_loss(step_logits, targets, docs, mask, 0.7, divergence=mix)
+    for key in ("loss", "loss_0", "loss_1"):
+        assert float(out.metrics[key]) == pytest.approx(expected[key], rel=1e-5), key
+    # The default (no objective) is forward KL: the same plain loop without a divergence.
+    plain = ttt_loss(step_logits, targets, docs, mask)
+    assert float(plain.loss) == pytest.approx(
+        plain_loop_loss(step_logits, targets, docs, mask, 1.0)["loss"], rel=1e-5
+    )
