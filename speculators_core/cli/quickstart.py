@@ -101,6 +101,13 @@ __all__ = ["quickstart_command"]
 )
 @click.option("--learning-rate", type=float, default=1e-3, show_default=True)
 @click.option(
+    "--optimizer",
+    default="adamw",
+    show_default=True,
+    help="adamw, or muon (Muon on the hidden weight matrices, AdamW on the rest), or any "
+    "torch.optim class by name, as for 'speculators train --optimizer'.",
+)
+@click.option(
     "--train-seq-len",
     type=click.IntRange(min=16),
     default=2048,
@@ -210,6 +217,7 @@ def quickstart_command(
     algo_opt: tuple[str, ...],
     loss: str | None,
     learning_rate: float,
+    optimizer: str,
     train_seq_len: int,
     generation_backend: str,
     prompt_source: str,
@@ -264,6 +272,7 @@ def quickstart_command(
         k=k,
         algo_options=algo_options,
         learning_rate=learning_rate,
+        optimizer=optimizer,
         train_seq_len=train_seq_len,
         generation_backend=generation_backend,
         eval_prompt_source=prompt_source,

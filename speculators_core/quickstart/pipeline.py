@@ -356,6 +356,7 @@ def _run_config(
         max_steps=max_steps,
         seq_len=settings.train_seq_len,
         learning_rate=settings.learning_rate,
+        optimizer=settings.optimizer,
         lr_scheduler="cosine",
         warmup_ratio=0.05,
         min_lr_ratio=0.05,

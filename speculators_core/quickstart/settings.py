@@ -68,6 +68,9 @@ class QuickstartSettings:
     #: adds the algorithm's declared defaults, so the recorded settings show every value used.
     algo_options: dict[str, Any] = field(default_factory=dict)
     learning_rate: float = 1e-3
+    #: ``adamw``, or ``muon`` (Muon on the hidden matrices, AdamW on the rest; see
+    #: :class:`~speculators_core.train.optim.MuonAdamW`), or any ``torch.optim`` class by name.
+    optimizer: str = "adamw"
     #: Packed row length of training batches.
     train_seq_len: int = 2048
     #: Minutes kept for evaluation and the report after training.
@@ -130,6 +133,10 @@ class QuickstartSettings:
             raise SpeculatorsError(
                 "--eval-prompts, --eval-max-new-tokens and --reference-prompts must be >= 1"
             )
+        if self.optimizer.lower() != "muon":
+            from speculators_core.train.optim import optimizer_class
+
+            optimizer_class(self.optimizer)  # an unknown name is one line, before any output
         if self.server_prompts < 1:
             raise SpeculatorsError("--server-prompts must be at least 1")
         for name in ("server_k_values", "server_concurrency"):
@@ -168,8 +175,10 @@ class QuickstartSettings:
     def changed_fixed_fields(self, recorded: dict[str, Any]) -> list[str]:
         """The fields that differ from ``recorded`` and may not change on resume."""
         mine = self.to_json()
+        # A field newer than the recorded run counts as its default there.
+        defaults = QuickstartSettings().to_json()
         return [
             name
             for name in mine
-            if name not in self.RESUME_FREE and recorded.get(name) != mine[name]
+            if name not in self.RESUME_FREE and recorded.get(name, defaults[name]) != mine[name]
         ]

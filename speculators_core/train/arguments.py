@@ -96,7 +96,10 @@ class TrainingArguments:
     # ---------------------------------------------------------------- optimisation
     optimizer: str = field(
         default="adamw",
-        metadata=_help("A torch.optim class by name, case-insensitive: adamw, adam, sgd, ..."),
+        metadata=_help(
+            "A torch.optim class by name, case-insensitive: adamw, adam, sgd, ...; or muon (Muon "
+            "on hidden weight matrices, AdamW on embeddings, LM head, norms and biases)."
+        ),
     )
     optimizer_kwargs: dict[str, Any] = field(
         default_factory=dict,

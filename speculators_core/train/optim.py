@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -12,7 +13,14 @@ from torch import nn
 from speculators_core.train.arguments import TrainingArguments
 from speculators_core.train.errors import TrainingConfigError
 
-__all__ = ["build_optimizer", "build_scheduler", "lr_lambda", "optimizer_class", "warmup_steps"]
+__all__ = [
+    "MuonAdamW",
+    "build_optimizer",
+    "build_scheduler",
+    "lr_lambda",
+    "optimizer_class",
+    "warmup_steps",
+]
 
 
 def optimizer_class(name: str) -> type[torch.optim.Optimizer]:
@@ -32,12 +40,80 @@ def optimizer_class(name: str) -> type[torch.optim.Optimizer]:
     return cls
 
 
+class MuonAdamW(torch.optim.Optimizer):
+    """Muon on the hidden weight matrices, AdamW on everything else, as one optimizer.
+
+    Muon orthogonalises each update of a 2-D matrix (Newton-Schulz iterations on the momentum);
+    it is meant for the hidden layers' matrices only. Embeddings, the LM head, norm weights and
+    biases keep AdamW. Both inner optimizers share this optimizer's ``state`` and its
+    ``param_groups`` are theirs (the same dicts), so the learning-rate schedule, gradient
+    clipping and checkpoints (``state_dict``/``load_state_dict``) see one ordinary optimizer.
+    Muon's learning rate is adjusted to match AdamW's update RMS (``adjust_lr_fn =
+    "match_rms_adamw"``), so one ``--learning-rate`` serves both.
+    """
+
+    def __init__(
+        self,
+        muon_groups: list[dict[str, Any]],
+        adamw_groups: list[dict[str, Any]],
+        *,
+        lr: float,
+        muon_kwargs: dict[str, Any] | None = None,
+        adamw_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        muon_options = {"adjust_lr_fn": "match_rms_adamw", **(muon_kwargs or {})}
+        self.muon = torch.optim.Muon(muon_groups, lr=lr, **muon_options) if muon_groups else None
+        self.adamw = (
+            torch.optim.AdamW(adamw_groups, lr=lr, **(adamw_kwargs or {})) if adamw_groups else None
+        )
+        inner = [o for o in (self.muon, self.adamw) if o is not None]
+        groups = [g for o in inner for g in o.param_groups]
+        super().__init__(groups, {"lr": lr})
+        self.param_groups = groups  # the inner optimizers' own dicts, not copies
+        self._link()
+
+    def _link(self) -> None:
+        """Point the inner optimizers at this one's state and (sliced) param groups."""
+        start = 0
+        for inner in (self.muon, self.adamw):
+            if inner is None:
+                continue
+            count = len(inner.param_groups)
+            inner.param_groups = self.param_groups[start : start + count]
+            inner.state = self.state
+            start += count
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for inner in (self.muon, self.adamw):
+            if inner is not None:
+                inner.step()
+        return loss
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._link()  # loading replaces the state and the group dicts
+
+
+def _is_muon_matrix(name: str, param: nn.Parameter, module: nn.Module) -> bool:
+    """A hidden-layer weight matrix: 2-D, not an embedding, not the LM head."""
+    return param.dim() == 2 and not isinstance(module, nn.Embedding) and "lm_head" not in name
+
+
 def build_optimizer(model: nn.Module, args: TrainingArguments) -> torch.optim.Optimizer:
     """The optimizer over the trainable parameters of ``model``.
 
     Matrices (2+ dims) get ``args.weight_decay``; vectors (norm weights, biases) get none, since
-    decaying them only pulls scales towards zero.
+    decaying them only pulls scales towards zero. ``optimizer="muon"`` is :class:`MuonAdamW`:
+    Muon on the hidden weight matrices, AdamW (with ``optimizer_kwargs``' ``betas``/``eps``)
+    on embeddings, the LM head, norms and biases.
     """
+    if args.optimizer.lower() == "muon":
+        return _build_muon(model, args)
     decay: list[nn.Parameter] = []
     no_decay: list[nn.Parameter] = []
     for param in model.parameters():
@@ -107,3 +183,47 @@ def build_scheduler(
             args.lr_scheduler, warmup_steps(args, total_steps), total_steps, args.min_lr_ratio
         ),
     )
+
+
+def _build_muon(model: nn.Module, args: TrainingArguments) -> MuonAdamW:
+    owners = {
+        id(param): (f"{prefix}.{name}" if prefix else name, module)
+        for prefix, module in model.named_modules()
+        for name, param in module.named_parameters(recurse=False)
+    }
+    muon: list[nn.Parameter] = []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
+    for param in model.parameters():
+        if not param.requires_grad:
+            continue
+        name, module = owners[id(param)]
+        if _is_muon_matrix(name, param, module):
+            muon.append(param)
+        else:
+            (decay if param.dim() >= 2 else no_decay).append(param)
+    if not muon and not decay and not no_decay:
+        raise TrainingConfigError(
+            f"{type(model).__name__} has no trainable parameters; nothing to train"
+        )
+    kwargs = dict(args.optimizer_kwargs)
+    muon_keys = {"momentum", "nesterov", "ns_coefficients", "ns_steps", "adjust_lr_fn"}
+    muon_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in muon_keys}
+    if "betas" in kwargs and isinstance(kwargs["betas"], list):
+        kwargs["betas"] = tuple(kwargs["betas"])
+    adamw_groups = [
+        {"params": decay, "weight_decay": args.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    try:
+        return MuonAdamW(
+            [{"params": muon, "weight_decay": args.weight_decay}] if muon else [],
+            [g for g in adamw_groups if g["params"]],
+            lr=args.learning_rate,
+            muon_kwargs=muon_kwargs,
+            adamw_kwargs=kwargs,
+        )
+    except (TypeError, ValueError) as err:
+        raise TrainingConfigError(
+            f"optimizer 'muon' rejects optimizer_kwargs {args.optimizer_kwargs!r}: {err}"
+        ) from err

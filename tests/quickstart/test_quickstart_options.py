@@ -100,3 +100,16 @@ def test_serve_stage_settings_are_sorted_distinct_and_free_on_resume():
     recorded = QuickstartSettings().to_json()
     changed = QuickstartSettings(server_k_values=[2], server_prompts=3, server_eval=False)
     assert changed.changed_fixed_fields(recorded) == []
+
+
+def test_optimizer_is_checked_before_any_output_and_old_runs_resume(tmp_path):
+    out = tmp_path / "out"
+    result = CliRunner().invoke(quickstart_command, ["--output", str(out), "--optimizer", "lion"])
+    assert "unknown optimizer 'lion'" in str(result.exception), result.output
+    assert not out.exists()
+    # A run recorded before the optimizer was a setting resumes with the default (adamw) ...
+    recorded = QuickstartSettings().to_json()
+    del recorded["optimizer"]
+    assert QuickstartSettings().changed_fixed_fields(recorded) == []
+    # ... and not with another optimizer, which would train a different draft.
+    assert QuickstartSettings(optimizer="muon").changed_fixed_fields(recorded) == ["optimizer"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -10,7 +11,12 @@ import torch
 from speculators_core.model import TrainingStepOutput
 from speculators_core.train import TrainingArguments, TrainingConfigError
 from speculators_core.train.metrics import WeightedSums
-from speculators_core.train.optim import build_optimizer, build_scheduler, optimizer_class
+from speculators_core.train.optim import (
+    MuonAdamW,
+    build_optimizer,
+    build_scheduler,
+    optimizer_class,
+)
 
 
 def _model() -> torch.nn.Module:
@@ -49,6 +55,109 @@ def test_unknown_optimizer_and_bad_kwargs_are_one_line_errors():
         optimizer_class("lion")
     with pytest.raises(TrainingConfigError, match="rejects optimizer_kwargs"):
         build_optimizer(_model(), TrainingArguments(optimizer_kwargs={"nope": 1}))
+
+
+class _Draftish(torch.nn.Module):
+    """An embedding, two hidden matrices with biases, a norm and an LM head: Muon's cases."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(10, 6)
+        self.fc = torch.nn.Linear(6, 6)
+        self.mlp = torch.nn.Linear(6, 6)
+        self.norm = torch.nn.LayerNorm(6)
+        self.lm_head = torch.nn.Linear(6, 10, bias=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.norm(self.mlp(torch.relu(self.fc(self.embed(ids))))))
+
+
+def _loss(model: torch.nn.Module, step: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(step)
+    ids = torch.randint(0, 10, (4, 5), generator=generator)
+    return torch.nn.functional.cross_entropy(model(ids).flatten(0, 1), ids.flatten())
+
+
+def test_muon_takes_the_hidden_matrices_and_adamw_the_rest():
+    model = _Draftish()
+    opt = build_optimizer(model, TrainingArguments(optimizer="muon", weight_decay=0.1))
+    assert isinstance(opt, MuonAdamW) and opt.muon is not None and opt.adamw is not None
+    muon = {id(p) for g in opt.muon.param_groups for p in g["params"]}
+    assert muon == {id(model.fc.weight), id(model.mlp.weight)}
+    decayed, plain = opt.adamw.param_groups
+    assert {id(p) for p in decayed["params"]} == {id(model.embed.weight), id(model.lm_head.weight)}
+    assert decayed["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0
+    assert {id(p) for p in plain["params"]} == {
+        id(model.fc.bias), id(model.mlp.bias), id(model.norm.weight), id(model.norm.bias)
+    }  # fmt: skip
+    assert opt.param_groups == [*opt.muon.param_groups, *opt.adamw.param_groups]
+
+
+def test_muon_steps_as_torch_muon_and_adamw_side_by_side_and_resumes_exactly():
+    """Five scheduled steps of the combined optimizer equal torch's Muon (hidden matrices,
+    RMS-matched learning rate) and AdamW (the rest) stepped separately; a state_dict saved
+    after two steps and loaded into a fresh one continues identically."""
+    args = TrainingArguments(optimizer="muon", learning_rate=0.02, weight_decay=0.1)
+    torch.manual_seed(0)
+    model = _Draftish()
+    twin = _Draftish()
+    twin.load_state_dict(model.state_dict())
+    opt = build_optimizer(model, args)
+    sched = build_scheduler(opt, args, total_steps=5)
+    matrices = [twin.fc.weight, twin.mlp.weight]
+    muon = torch.optim.Muon(matrices, lr=0.02, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
+    adamw = torch.optim.AdamW(
+        [
+            {"params": [twin.embed.weight, twin.lm_head.weight], "weight_decay": 0.1},
+            {"params": [twin.fc.bias, twin.mlp.bias, twin.norm.weight, twin.norm.bias],
+             "weight_decay": 0.0},
+        ],
+        lr=0.02,
+    )  # fmt: skip
+    twin_scheds = [build_scheduler(o, args, total_steps=5) for o in (muon, adamw)]
+    saved = None
+    for step in range(5):
+        for m, optimizers, schedulers in (
+            (model, [opt], [sched]),
+            (twin, [muon, adamw], twin_scheds),
+        ):
+            for o in optimizers:
+                o.zero_grad()
+            _loss(m, step).backward()
+            for o, s in zip(optimizers, schedulers):
+                o.step()
+                s.step()
+        if step == 1:
+            saved = (
+                {k: v.clone() for k, v in model.state_dict().items()},
+                copy.deepcopy(opt.state_dict()),  # state_dict() holds the live tensors
+                sched.state_dict(),
+            )
+        for name, param in model.named_parameters():
+            assert torch.allclose(param, dict(twin.named_parameters())[name], atol=1e-6), (
+                step,
+                name,
+            )
+
+    # As the trainer resumes: build both, then load the optimizer and the schedule.
+    resumed = _Draftish()
+    resumed.load_state_dict(saved[0])
+    again = build_optimizer(resumed, args)
+    again_sched = build_scheduler(again, args, total_steps=5)
+    again.load_state_dict(saved[1])
+    again_sched.load_state_dict(saved[2])
+    for step in range(2, 5):
+        again.zero_grad()
+        _loss(resumed, step).backward()
+        again.step()
+        again_sched.step()
+    for name, param in resumed.named_parameters():
+        assert torch.allclose(param, dict(model.named_parameters())[name], atol=1e-6), name
+
+
+def test_muon_refuses_unknown_kwargs_in_one_line():
+    with pytest.raises(TrainingConfigError, match="optimizer 'muon' rejects optimizer_kwargs"):
+        build_optimizer(_Draftish(), TrainingArguments(optimizer="muon", optimizer_kwargs={"x": 1}))
 
 
 @pytest.mark.parametrize("kind", ["linear", "cosine", "constant"])

@@ -106,14 +106,16 @@ def _args(out: Path, **changes) -> TrainingArguments:
     return TrainingArguments(**{**base, **changes})
 
 
-def test_in_process_resume_from_each_checkpoint_is_exact(host, small_verifier, tmp_path):
-    """Resuming from a mid-epoch or an epoch-end checkpoint gives the uninterrupted weights."""
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_in_process_resume_from_each_checkpoint_is_exact(host, small_verifier, tmp_path, optimizer):
+    """Resuming from a mid-epoch or an epoch-end checkpoint gives the uninterrupted weights
+    (with Muon too: its momentum and AdamW's moments travel in one optimizer state)."""
     samples = random_samples(20, hidden=32, vocab=256, seed=3)
     model_cls = host.algorithm("fixture-mlp").model_class
     torch.manual_seed(0)
     Trainer(
         model_cls.from_verifier(small_verifier),
-        _args(tmp_path / "full", save_total_limit=None),
+        _args(tmp_path / "full", save_total_limit=None, optimizer=optimizer),
         InMemorySource(samples),
         host=host,
     ).train()
@@ -131,7 +133,7 @@ def test_in_process_resume_from_each_checkpoint_is_exact(host, small_verifier, t
         out = tmp_path / f"from-{step}"
         trainer = Trainer(
             model_cls.from_verifier(small_verifier),
-            _args(out, save_total_limit=None),
+            _args(out, save_total_limit=None, optimizer=optimizer),
             InMemorySource(samples),
             host=host,
         )
