@@ -1,33 +1,35 @@
-"""Benchmark: vLLM decode speed at batch size 1, the verifier alone vs with an EAGLE-3 draft.
+"""Benchmark: decode speed as users feel it, through ``vllm serve``: the verifier alone, a draft at
+each k, and vLLM's n-gram prompt lookup, one server at a time.
 
-Both engines run in one vLLM worker process, one after the other, on the same prompts (the
-held-out ShareGPT prompts by default, chat template applied), each generating exactly
-``--max-new-tokens`` tokens per prompt (EOS ignored) one prompt at a time after a warm-up
-request. The script prints the tokens/s of each side and their ratio (the speed-up), vLLM's
-mean acceptance length and per-position acceptance, and whether the greedy outputs are
-identical. With ``--rounds R`` the pair is measured R times in the same worker and each side
-counts with its best round (other processes on a shared machine only ever slow a round down).
+The measurement is ``speculators eval --engine vllm-server``'s (``compare_served``): each
+configuration gets its own ``vllm serve`` (the command ``speculators serve`` builds, ASSETS.md's
+CPU settings on a CPU) on 127.0.0.1, one warm-up request, then the same greedy prompts (held-out
+ShareGPT first user turns, chat template applied, exactly ``--max-new-tokens`` tokens each, EOS
+ignored) streamed over HTTP at concurrency 1 and at each ``--concurrency`` level. The table gives
+per-request median output tokens/s, TTFT and ITL, the speed-up against the verifier alone and
+against n-gram lookup, and τ from the server's ``/metrics`` counters; outputs are compared token
+for token with the verifier's. The fastest k at concurrency 1 is named.
 
 The draft is ``--draft DIR`` (a trained speculator folder), or with ``--fit-draft`` an EAGLE-3
 draft fitted in the script to the verifier's own greedy answers to the benchmark prompts: an
 optimistic draft (it has seen the answers) that shows what acceptance buys on this machine,
-not what a real draft achieves. On a CPU the ASSETS.md settings are applied (float32, thread
-binding, preloaded Intel OpenMP, eager mode).
+not what a real draft achieves.
 
-    .venv/bin/python benchmarks/bench_vllm_decode.py (--draft DIR | --fit-draft)
-        [--verifier DIR] [--prompts sharegpt-heldout|FILE] [--num-prompts 4]
-        [--max-new-tokens 128] [--k 3] [--rounds 1] [--json OUT]
+    .venv/bin/python benchmarks/bench_vllm_serve.py (--draft DIR | --fit-draft)
+        [--verifier DIR] [--prompts sharegpt-heldout|FILE] [--num-prompts 8]
+        [--max-new-tokens 128] [--k-values 1,2,3] [--concurrency 1,4] [--json OUT]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import sys
 import tempfile
 from collections import Counter
 from pathlib import Path
-from typing import Any
 
 
 def _fit_draft(
@@ -77,22 +79,26 @@ def main() -> None:
     )
     parser.add_argument("--verifier", type=Path, default=None, help="default: SmolLM2 (ASSETS.md)")
     parser.add_argument("--prompts", default="sharegpt-heldout")
-    parser.add_argument("--num-prompts", type=int, default=4)
+    parser.add_argument("--num-prompts", type=int, default=8)
     parser.add_argument("--max-prompt-tokens", type=int, default=256)
     parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--k", type=int, default=3)
-    parser.add_argument("--rounds", type=int, default=1)
-    parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    parser.add_argument("--k-values", default="1,2,3", help="the k measured, e.g. 1,2,3")
+    parser.add_argument("--concurrency", default="1,4", help="requests in flight, e.g. 1,4,16")
+    parser.add_argument("--json", type=Path, default=None, help="also write the report here")
     args = parser.parse_args()
 
     from transformers import AutoTokenizer
 
     from speculators_core.assets import smollm2_path
     from speculators_core.evaluate.prompts import load_prompt_texts, render_prompts
+    from speculators_core.evaluate.tables import served_table
     from speculators_core.evaluate.vllm_env import detect_device
-    from speculators_core.evaluate.vllm_runner import VllmJob, run_vllm_jobs
+    from speculators_core.evaluate.vllm_server import compare_served
+    from speculators_core.options import positive_ints
     from speculators_core.plugins.host import get_host
 
+    ks = positive_ints(args.k_values, "--k-values")
+    levels = positive_ints(args.concurrency, "--concurrency")
     verifier = args.verifier or smollm2_path()
     tokenizer = AutoTokenizer.from_pretrained(verifier)
     prompts = render_prompts(
@@ -100,59 +106,44 @@ def main() -> None:
         tokenizer,
         max_prompt_tokens=args.max_prompt_tokens,
     )
-    with tempfile.TemporaryDirectory(prefix="bench-vllm-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="bench-vllm-serve-") as tmp:
         draft = args.draft
         if args.fit_draft:
             draft = Path(tmp) / "draft"
-            _fit_draft(verifier, prompts, args.k, args.max_new_tokens, draft)
-        common: dict[str, Any] = {
-            "verifier": verifier,
-            "prompts": prompts,
-            "k": args.k,
-            "max_new_tokens": args.max_new_tokens,
-            "ignore_eos": True,
-            "batch_size": 1,
-            "host": get_host(),  # the algorithm's record says how vLLM serves the draft
-        }
-        jobs = [VllmJob(draft=d, **common) for _ in range(args.rounds) for d in (None, draft)]
+            _fit_draft(verifier, prompts, max(ks), args.max_new_tokens, draft)
         print(
-            f"measuring: {len(prompts)} prompts x {args.max_new_tokens} tokens at batch size 1, "
-            f"{args.rounds} round(s), device {detect_device()} ...",
+            f"measuring: {len(prompts)} prompts x {args.max_new_tokens} tokens through vllm serve, "
+            f"k {ks}, concurrency {levels}, device {detect_device()} ...",
             file=sys.stderr,
         )
-        results = run_vllm_jobs(jobs)
-    alone = max(results[0::2], key=lambda r: r.tokens_per_second)
-    spec = max(results[1::2], key=lambda r: r.tokens_per_second)
-    ratio = spec.tokens_per_second / alone.tokens_per_second
-    per_pos = " / ".join(f"{a:.3f}" for a in spec.per_position_acceptance)
+        load_before = os.getloadavg()[0]
+        report = compare_served(
+            draft,
+            prompts,
+            plugin_host=get_host(),  # the algorithm's record says how vLLM serves the draft
+            k_values=ks,
+            concurrencies=levels,
+            max_new_tokens=args.max_new_tokens,
+            verifier=str(verifier),
+            log_dir=Path(tmp),
+            echo=lambda line: print(line, file=sys.stderr),
+        )
+        load_after = os.getloadavg()[0]
     draft_name = (
         "fitted to these prompts' answers (optimistic)" if args.fit_draft else str(args.draft)
     )
-    print(f"verifier:                {verifier}")
-    print(f"draft:                   {draft_name}")
+    print(f"verifier: {verifier}")
+    print(f"draft:    {draft_name}")
     print(
-        f"prompts:                 {len(prompts)} x {args.max_new_tokens} new tokens, k = {args.k}"
+        f"machine:  {platform.machine()}, {os.cpu_count()} CPUs, load average {load_before:.1f} "
+        f"before / {load_after:.1f} after (the servers themselves load it)"
     )
-    print(f"verifier alone:          {alone.tokens_per_second:7.2f} tok/s (batch 1)")
-    print(f"with the draft:          {spec.tokens_per_second:7.2f} tok/s (batch 1)")
-    print(f"speed-up:                {ratio:7.2f}x")
-    print(f"mean acceptance length:  {spec.mean_acceptance_length:7.3f}")
-    print(f"per-position acceptance: {per_pos}")
-    print(f"identical greedy output: {spec.outputs == alone.outputs}")
+    print(f"prompts:  {len(prompts)} x {args.max_new_tokens} new tokens, greedy")
+    for line in served_table(report):
+        print(line)
     if args.json is not None:
-        args.json.write_text(
-            json.dumps(
-                {
-                    "verifier": str(verifier),
-                    "draft": draft_name,
-                    "speedup": ratio,
-                    "alone": alone.to_json() | {"outputs": None},
-                    "speculative": spec.to_json() | {"outputs": None},
-                    "identical_outputs": spec.outputs == alone.outputs,
-                },
-                indent=2,
-            )
-        )
+        report = {**report, "draft_name": draft_name, "load": [load_before, load_after]}
+        args.json.write_text(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":

@@ -80,3 +80,48 @@ def greedy_continuations(
             for p in prompts
         ]
     return model, tokenizer, prompts, greedy
+
+
+def check_served_report(
+    report: dict[str, Any], *, ks: list[int], levels: list[int], prompts: int, new_tokens: int
+) -> int:
+    """Re-derive every figure of a ``compare_served`` report from its raw counts and rates;
+    return the chosen k (asserted to be the fastest measured at concurrency 1).
+
+    Lossless outputs, tau and per-position acceptance from the server's own counters, every
+    request complete, speed-ups the ratios of the measured per-request rates.
+    """
+    import pytest
+
+    alone, ngram = report["verifier_alone"], report["ngram"]
+    assert alone["drafts"] == 0 and alone["mean_acceptance_length"] is None
+    assert report["concurrencies"] == sorted({1, *levels})
+    assert ngram["identical_to_verifier"] is True and ngram["k"] == max(ks)
+    rates = {}
+    for k in ks:
+        draft = report["draft"][str(k)]
+        assert draft["identical_to_verifier"] is True, f"k={k}: not lossless through the server"
+        assert draft["draft_tokens"] == pytest.approx(k * draft["drafts"])
+        assert draft["mean_acceptance_length"] == pytest.approx(
+            1 + draft["accepted_tokens"] / draft["drafts"]
+        )
+        assert len(draft["acceptance_per_position"]) == k
+        assert sum(draft["acceptance_per_position"]) == pytest.approx(
+            draft["accepted_tokens"] / draft["drafts"]
+        )
+        for c in report["concurrencies"]:
+            level = draft["levels"][str(c)]
+            assert level["requests"] == prompts
+            assert level["output_tokens"] == prompts * new_tokens
+            rate = level["tokens_per_s_median"]
+            assert draft["speedup"][str(c)] == pytest.approx(
+                rate / alone["levels"][str(c)]["tokens_per_s_median"]
+            )
+            assert draft["speedup_vs_ngram"][str(c)] == pytest.approx(
+                rate / ngram["levels"][str(c)]["tokens_per_s_median"]
+            )
+        rates[k] = draft["levels"]["1"]["tokens_per_s_median"]
+    chosen = max(rates, key=rates.__getitem__)
+    assert report["chosen_k"] == chosen
+    assert report["pays"] == (report["draft"][str(chosen)]["speedup"]["1"] > 1)
+    return chosen

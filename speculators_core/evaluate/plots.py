@@ -12,6 +12,17 @@ from speculators_core.fsutil import atomic_file
 __all__ = ["plot_acceptance", "plot_served_speedups"]
 
 
+def _save(fig: Any, path: str | os.PathLike[str]) -> Path:
+    """Lay out, write atomically as PNG, close; return the path."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return Path(path)
+
+
 def plot_acceptance(
     rates: Mapping[str, Sequence[float]],
     path: str | os.PathLike[str],
@@ -52,10 +63,7 @@ def plot_acceptance(
     ax.set_ylabel("accepted fraction of drafting rounds")
     ax.set_title(title)
     ax.legend(loc="upper right", fontsize=8)
-    fig.tight_layout()
-    with atomic_file(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_served_speedups(report: Mapping[str, Any], folder: str | os.PathLike[str]) -> list[Path]:
@@ -98,21 +106,18 @@ def plot_served_speedups(report: Mapping[str, Any], folder: str | os.PathLike[st
     ax.axhline(1.0, color="grey", linestyle=":", label="verifier alone")
     ax.axhline(
         ngram["speedup"]["1"],
-        color="green",
+        color="black",
         linestyle="--",
         label=f"n-gram lookup (k = {ngram['k']})",
     )
     ax.set_xticks(ks)
+    ax.set_xlim(ks[0] - 0.5, ks[-1] + 0.5)  # room for the labels at both ends
+    ax.margins(y=0.2)
     ax.set_xlabel("draft tokens per round (k)")
     ax.set_ylabel("speed-up over the verifier alone")
     ax.set_title("vllm serve, one request at a time (output tokens/s per request)", fontsize=9)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = out / "speedup_vs_k.png"
-    with atomic_file(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    written.append(path)
+    written.append(_save(fig, out / "speedup_vs_k.png"))
 
     levels = [int(c) for c in report["concurrencies"]]
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
@@ -130,7 +135,7 @@ def plot_served_speedups(report: Mapping[str, Any], folder: str | os.PathLike[st
         [ngram["speedup"][str(c)] for c in levels],
         marker="s",
         linestyle="--",
-        color="green",
+        color="black",
         label=f"n-gram lookup (k = {ngram['k']})",
     )
     ax.axhline(1.0, color="grey", linestyle=":", label="verifier alone")
@@ -142,10 +147,5 @@ def plot_served_speedups(report: Mapping[str, Any], folder: str | os.PathLike[st
         "vllm serve: per-request output tokens/s (median), against concurrency", fontsize=9
     )
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = out / "speedup_vs_concurrency.png"
-    with atomic_file(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    written.append(path)
+    written.append(_save(fig, out / "speedup_vs_concurrency.png"))
     return written

@@ -644,6 +644,11 @@ def write_chosen_k(
             previous = method.get("speculative_tokens")
             method["speculative_tokens"] = chosen
     data = {**data, "speculators_config": {**spec, "proposal_methods": methods}}
+    if previous == chosen:
+        return (
+            f"k={chosen} is already recorded in {folder / 'config.json'}: "
+            f"{best['speedup']['1']:.2f}x the verifier alone at concurrency 1"
+        )
     load_config(data, host=plugin_host)  # the new config must load before it replaces the old
     with atomic_file(folder / "config.json") as tmp:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")

@@ -18,12 +18,21 @@
    ``--prompts`` held-out ShareGPT prompts (records from 15,000 on, never trained on) with each
    draft; τ is the mean acceptance length (tokens per verifier forward while drafting).
 
+4. **Served speed** (``--served``, needs vLLM): the measurement of ``speculators eval --engine
+   vllm-server``: ``vllm serve`` for SmolLM2 alone, with the EAGLE-3 draft (its folder) and
+   with the HASS draft (exported to vLLM's native EAGLE-1 layout, ``method: "eagle"``), one
+   server at a time, the same held-out prompts streamed over HTTP one request at a time (and at
+   each ``--concurrency`` level); per-request median output tokens/s, the speed-up against the
+   verifier alone, τ from each server's ``/metrics`` and whether the output equals the
+   verifier's token for token.
+
 Prints one table: steps, tokens seen, training wall time, final training accuracy, τ and the
-per-position acceptance of both drafts. ``--work DIR`` keeps the prepared data and the store for
+per-position acceptance of both drafts (and with ``--served`` the served rows). ``--work DIR`` keeps the prepared data and the store for
 a rerun (the capture is the slow part).
 
     .venv/bin/python plugins/hass/benchmarks/bench_hass_vs_eagle3.py [--samples 48]
         [--seq-length 256] [--max-steps 40 | --seconds 300] [--prompts 8] [--new-tokens 64]
+        [--served [--concurrency 1,4]]
 """
 
 from __future__ import annotations
@@ -163,6 +172,54 @@ def evaluate(draft: Any, verifier_model: Any, prompts: list[list[int]], args: An
     return total
 
 
+def measure_served(
+    verifier: Path,
+    drafts: dict[str, tuple[str, Path]],
+    prompts: list[list[int]],
+    *,
+    new_tokens: int,
+    concurrency: list[int],
+    log_dir: Path,
+) -> dict[str, Any]:
+    """The verifier alone and each draft through ``vllm serve``, one server at a time.
+
+    ``drafts`` maps a name to (vLLM method, folder vLLM reads). The servers are the command
+    ``speculators serve`` builds for the EAGLE-3 draft with its ``--speculative-config``
+    replaced, so every server has the same settings; the measurement is ``measure_server``,
+    the one ``eval --engine vllm-server`` uses.
+    """
+    from speculators_core.cli.serve import build_serve_command
+    from speculators_core.evaluate.vllm_server import measure_server, verifier_argv
+    from speculators_core.plugins.host import get_host
+
+    base = build_serve_command(
+        drafts["eagle3"][1], plugin_host=get_host(), verifier=str(verifier), k=K
+    )
+    plain = verifier_argv(base.argv)
+    model = plain[plain.index("serve") + 1]
+    common: dict[str, Any] = {
+        "max_tokens": new_tokens,
+        "concurrencies": concurrency,
+        "log_dir": log_dir,
+        "echo": lambda line: print(line, flush=True),
+    }
+    alone = measure_server("verifier", plain, base.env, model, prompts, **common)
+    served: dict[str, Any] = {"verifier": alone.to_json()}
+    for name, (method, folder) in drafts.items():
+        config = {"method": method, "model": str(folder), "num_speculative_tokens": K}
+        argv = [*plain, "--speculative-config", json.dumps(config)]
+        measured = measure_server(name, argv, base.env, model, prompts, **common)
+        served[name] = {
+            **measured.to_json(),
+            "identical_to_verifier": measured.outputs == alone.outputs,
+            "speedup": {
+                str(c): measured.levels[c].tokens_per_s_median / alone.levels[c].tokens_per_s_median
+                for c in measured.levels
+            },
+        }
+    return served
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=48, help="ShareGPT training conversations.")
@@ -180,6 +237,12 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--work", type=Path, default=None, help="Keep data and store here.")
     parser.add_argument("--json", type=Path, default=None, help="Also write the figures as JSON.")
+    parser.add_argument(
+        "--served", action="store_true", help="Also measure both drafts through vllm serve."
+    )
+    parser.add_argument(
+        "--concurrency", default="1", help="With --served: requests in flight, e.g. 1,4."
+    )
     args = parser.parse_args()
 
     from collections import Counter
@@ -226,6 +289,24 @@ def main() -> None:
             stats = evaluate(model, verifier_model, prompts, args, tokenizer.eos_token_id)
             results[name]["stats"] = stats
             print(f"{name}: τ {stats.mean_acceptance_length:.3f}", flush=True)
+        served = None
+        if args.served:
+            from speculators_hass.export import export_vllm_eagle
+
+            from speculators_core.options import positive_ints
+
+            exported = export_vllm_eagle(hass, work / "hass-vllm")
+            eagle3.save_pretrained(work / "eagle3-draft")
+            served = measure_served(
+                verifier,
+                {"hass": ("eagle", exported), "eagle3": ("eagle3", work / "eagle3-draft")},
+                prompts,
+                new_tokens=args.new_tokens,
+                concurrency=positive_ints(args.concurrency, "--concurrency"),
+                log_dir=work,
+            )
+            for name in ("hass", "eagle3"):
+                results[name]["served"] = served[name]
 
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     budget = (
@@ -250,6 +331,20 @@ def main() -> None:
         ),
         ("decode rounds", lambda r: f"{r['stats'].rounds}"),
     ]
+    if served is not None:
+        alone_rate = served["verifier"]["levels"]["1"]["tokens_per_s_median"]
+        rows += [
+            (
+                "served tok/s, 1 in flight",
+                lambda r: (
+                    f"{r['served']['levels']['1']['tokens_per_s_median']:.1f} "
+                    f"(alone {alone_rate:.1f})"
+                ),
+            ),
+            ("served speed-up, 1 in flight", lambda r: f"{r['served']['speedup']['1']:.2f}x"),
+            ("served τ (vLLM /metrics)", lambda r: f"{r['served']['mean_acceptance_length']:.3f}"),
+            ("served output = verifier's", lambda r: str(r["served"]["identical_to_verifier"])),
+        ]
     print(f"{'':32} {'HASS (eagle)':>22} {'EAGLE-3':>22}")
     for label, show in rows:
         print(f"{label:32} {show(results['hass']):>22} {show(results['eagle3']):>22}")
@@ -263,6 +358,7 @@ def main() -> None:
                         "seconds": r["seconds"],
                         "metrics": r["metrics"],
                         "decode": r["stats"].to_json(),
+                        "served": r.get("served"),
                     }
                     for name, r in results.items()
                 },
