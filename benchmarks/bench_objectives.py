@@ -1,0 +1,182 @@
+"""Recipe benchmark: which objective, optimizer and norms buy the most acceptance per CPU-minute.
+
+Input: a finished ``speculators quickstart`` output folder (``--run DIR``): its hidden-state store,
+draft vocabulary and settings. Every variant trains an EAGLE-3 draft with ``speculators train`` on
+that same store for the same number of optimizer steps (``--max-steps``; the quickstart's own
+plan by default, so each variant gets the quickstart's training), with the quickstart's
+schedule (cosine to 5 %, 5 % warm-up, rows of ``train_seq_len``), and is then measured the way
+the quickstart's draft is: ``speculators eval --engine vllm`` on the same held-out ShareGPT
+prompts (``--num-prompts``, 128 new tokens, greedy, k = 3), τ read from vLLM's counters.
+
+Variants (``--variants``, comma-separated; default all):
+
+* ``kl``: the quickstart's recipe (forward KL, AdamW, EAGLE-3.0 norms);
+* ``rkl``, ``jsd``, ``tv``, ``ce``, ``nla``, ``lk``: the other objectives
+  (``speculators objectives``), each alone;
+* ``kl+lk``: ``--loss kl=0.5,lk=0.5``;
+* ``muon``: forward KL with ``--optimizer muon``;
+* ``norms3.1``: forward KL with the EAGLE-3.1 norms (``norm_before_fc``, ``norm_output``).
+
+Prints one row per variant (τ, acceptance per position, the last validation estimate, training
+seconds) with the machine's load average, and the goal (not asserted): τ ≥ 1.8 in vLLM from the
+quickstart's 30-minute budget (about 1.5x at concurrency 1 on the development box).
+
+    .venv/bin/python benchmarks/bench_objectives.py --run quickstart-output \
+        [--max-steps N] [--variants kl,lk,muon] [--num-prompts 32] [--work DIR] [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+SPECULATORS = Path(sys.executable).with_name("speculators")
+GOAL_TAU = 1.8
+
+#: variant -> extra ``speculators train`` flags
+VARIANTS: dict[str, list[str]] = {
+    "kl": [],
+    "rkl": ["--loss", "rkl"],
+    "jsd": ["--loss", "jsd"],
+    "tv": ["--loss", "tv"],
+    "ce": ["--loss", "ce"],
+    "nla": ["--loss", "nla"],
+    "lk": ["--loss", "lk"],
+    "kl+lk": ["--loss", "kl=0.5,lk=0.5"],
+    "muon": ["--optimizer", "muon"],
+    "norms3.1": ["--algo-opt", "norm_before_fc=true", "--algo-opt", "norm_output=true"],
+}
+
+
+def _last_line(result: subprocess.CompletedProcess[str]) -> str:
+    lines = (result.stderr or result.stdout).strip().splitlines()
+    return lines[-1] if lines else f"exit code {result.returncode}"
+
+
+def train_variant(name: str, run: Path, work: Path, max_steps: int) -> dict[str, Any]:
+    """Train one variant on the run's store; its final folder, seconds and last validation."""
+    report = json.loads((run / "report.json").read_text())
+    settings = report["settings"]
+    verifier = json.loads((run / "train" / "run_config.json").read_text())["verifier"]
+    out = work / f"run-{name}"
+    ttt_steps = settings.get("algo_options", {}).get("ttt_steps", 3)
+    command = [
+        str(SPECULATORS), "train", "--algorithm", "eagle3", "--verifier", verifier,
+        "--data", str(run / "data" / "store"), "--vocab", str(run / "data" / "vocab"),
+        "--draft-vocab-size", str(settings["draft_vocab_size"]),
+        "--output", str(out), "--overwrite", "--seq-len", str(settings["train_seq_len"]),
+        "--learning-rate", str(settings["learning_rate"]), "--lr-scheduler", "cosine",
+        "--warmup-ratio", "0.05", "--min-lr-ratio", "0.05", "--seed", str(settings["seed"]),
+        "--max-steps", str(max_steps), "--num-epochs", "1000", "--val-fraction", "0.05",
+        "--eval-every", str(max(1, max_steps // 4)), "--no-eval-per-epoch",
+        "--no-save-per-epoch", "--save-every", "1000000", "--save-total-limit", "1",
+        "--no-progress", "--no-console-log", "--algo-opt", f"ttt_steps={ttt_steps}",
+        *VARIANTS[name],
+    ]  # fmt: skip
+    started = time.perf_counter()
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    seconds = time.perf_counter() - started
+    if result.returncode != 0:
+        return {"name": name, "error": f"training failed: {_last_line(result)}"}
+    estimate = None
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "val_est_accept_len" in record:
+            estimate = float(record["val_est_accept_len"])
+    return {"name": name, "final": out / "final", "seconds": seconds, "val_estimate": estimate}
+
+
+def measure(variant: dict[str, Any], run: Path, num_prompts: int) -> None:
+    """τ of the variant's draft in vLLM on the held-out prompts (the quickstart's measurement)."""
+    settings = json.loads((run / "report.json").read_text())["settings"]
+    verifier = json.loads((run / "train" / "run_config.json").read_text())["verifier"]
+    out = Path(variant["final"]).parent / "eval"
+    command = [
+        str(SPECULATORS), "eval", str(variant["final"]), "--verifier", verifier,
+        "--engine", "vllm", "--num-prompts", str(num_prompts), "-k", str(settings["k"]),
+        "--max-new-tokens", str(settings["eval_max_new_tokens"]), "--no-baseline",
+        "--output", str(out),
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        variant["error"] = f"vLLM evaluation failed: {_last_line(result)}"
+        return
+    (evaluated,) = json.loads((out / "eval.json").read_text())["results"]
+    variant["tau"] = evaluated["mean_acceptance_length"]
+    variant["per_position"] = evaluated["acceptance_rate_per_position"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run", required=True, type=Path, help="a quickstart output folder")
+    parser.add_argument("--max-steps", type=int, default=None, help="default: the run's plan")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--num-prompts", type=int, default=32)
+    parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: temp)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    args = parser.parse_args()
+
+    run = args.run.resolve()
+    if not (run / "report.json").is_file() or not (run / "data" / "store").is_dir():
+        raise SystemExit(f"'{run}' is not a finished quickstart run; run 'speculators quickstart'")
+    names = [n.strip() for n in args.variants.split(",") if n.strip()]
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
+    report = json.loads((run / "report.json").read_text())
+    max_steps = args.max_steps or int(report["train"]["max_steps"])
+    work = args.work or Path(tempfile.mkdtemp(prefix="bench-objectives-"))
+    work.mkdir(parents=True, exist_ok=True)
+    rows: list[dict[str, Any]] = []
+    loads: list[float] = []
+    try:
+        for name in names:
+            variant = train_variant(name, run, work, max_steps)
+            if "error" not in variant:
+                measure(variant, run, args.num_prompts)
+            loads.append(os.getloadavg()[0])
+            shown = (
+                variant.get("error")
+                or f"tau {variant['tau']:.3f} ({variant['seconds']:.0f} s of training)"
+            )
+            print(f"[{name}] {shown}", file=sys.stderr, flush=True)
+            rows.append(variant)
+    finally:
+        if args.work is None:
+            shutil.rmtree(work, ignore_errors=True)
+
+    print(
+        f"\n{len(rows)} variants, {max_steps} optimizer steps each on {run}'s store; vLLM tau on "
+        f"{args.num_prompts} held-out prompts, k = {report['settings']['k']}, greedy; load "
+        f"average {min(loads, default=0):.1f}-{max(loads, default=0):.1f} "
+        f"({os.cpu_count()} CPUs)\n"
+    )
+    print("| variant | τ (vLLM) | per position | val τ est | training s |")
+    print("|---|---|---|---|---|")
+    for row in rows:
+        if "error" in row:
+            print(f"| {row['name']} | {row['error']} | | | |")
+            continue
+        per = " / ".join(f"{x:.3f}" for x in row["per_position"])
+        estimate = f"{row['val_estimate']:.3f}" if row["val_estimate"] is not None else "-"
+        print(f"| {row['name']} | {row['tau']:.3f} | {per} | {estimate} | {row['seconds']:.0f} |")
+    best = max((r for r in rows if "tau" in r), key=lambda r: r["tau"], default=None)
+    if best is not None:
+        verdict = "met" if best["tau"] >= GOAL_TAU else "not met"
+        print(f"\nbest: {best['name']} (τ {best['tau']:.3f}); goal τ ≥ {GOAL_TAU}: {verdict}")
+    if args.json is not None:
+        args.json.write_text(
+            json.dumps([{k: str(v) if k == "final" else v for k, v in r.items()} for r in rows])
+        )
+
+
+if __name__ == "__main__":
+    main()
