@@ -36,7 +36,7 @@ token drafted by sampling ``q`` is accepted by the standard rejection rule again
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -60,7 +60,6 @@ __all__ = [
     "acceptance",
     "ce",
     "default_objective",
-    "describe_objectives",
     "forward_kl",
     "jsd",
     "lk",
@@ -185,8 +184,7 @@ def nla(logits: torch.Tensor, target: TargetDistribution) -> torch.Tensor:
 
 def lk(logits: torch.Tensor, target: TargetDistribution) -> torch.Tensor:
     """``lam * KL(p || q) + (1 - lam) * TV`` with ``lam = exp(-LK_ETA * alpha)``, alpha constant."""
-    q = torch.softmax(logits.float(), dim=-1)
-    alpha = torch.minimum(target.probs, q).sum(dim=-1)
+    alpha = acceptance(logits, target)
     lam = torch.exp(-LK_ETA * alpha.detach())
     total_variation = 1.0 - alpha
     return lam * forward_kl(logits, target) + (1.0 - lam) * total_variation
@@ -311,11 +309,6 @@ def resolve_objective(
         for name, weight in parse_objective_spec(spec)
     )
     return WeightedObjective(spec=str(spec).replace(" ", ""), terms=terms)
-
-
-def describe_objectives(objectives: Sequence[Objective]) -> str:
-    """``name: description`` lines (for ``--help`` texts and listings)."""
-    return "\n".join(f"{o.name}: {o.description}" for o in objectives)
 
 
 def objective_spec(value: Any) -> Any:
