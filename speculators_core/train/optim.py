@@ -114,30 +114,42 @@ def build_optimizer(model: nn.Module, args: TrainingArguments) -> torch.optim.Op
     """
     if args.optimizer.lower() == "muon":
         return _build_muon(model, args)
-    decay: list[nn.Parameter] = []
-    no_decay: list[nn.Parameter] = []
-    for param in model.parameters():
-        if param.requires_grad:
-            (decay if param.dim() >= 2 else no_decay).append(param)
-    if not decay and not no_decay:
-        raise TrainingConfigError(
-            f"{type(model).__name__} has no trainable parameters; nothing to train"
-        )
-    groups = [
-        {"params": decay, "weight_decay": args.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    groups = [g for g in groups if g["params"]]
+    groups = _decay_groups(_trainable(model), args.weight_decay)
     cls = optimizer_class(args.optimizer)
-    kwargs = dict(args.optimizer_kwargs)
-    if "betas" in kwargs and isinstance(kwargs["betas"], list):
-        kwargs["betas"] = tuple(kwargs["betas"])  # JSON has no tuples
+    kwargs = _json_kwargs(args.optimizer_kwargs)
     try:
         return cls(groups, lr=args.learning_rate, **kwargs)  # type: ignore[call-arg]
     except TypeError as err:
         raise TrainingConfigError(
             f"optimizer '{args.optimizer}' rejects optimizer_kwargs {kwargs!r}: {err}"
         ) from err
+
+
+def _trainable(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters that train; a one-line error when there are none."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise TrainingConfigError(
+            f"{type(model).__name__} has no trainable parameters; nothing to train"
+        )
+    return params
+
+
+def _decay_groups(params: list[nn.Parameter], weight_decay: float) -> list[dict[str, Any]]:
+    """Matrices (2+ dims) with ``weight_decay``, vectors without; empty groups left out."""
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    return [g for g in groups if g["params"]]
+
+
+def _json_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """A copy of optimizer kwargs with JSON's lists turned into the tuples torch expects."""
+    kwargs = dict(kwargs)
+    if "betas" in kwargs and isinstance(kwargs["betas"], list):
+        kwargs["betas"] = tuple(kwargs["betas"])  # JSON has no tuples
+    return kwargs
 
 
 def warmup_steps(args: TrainingArguments, total_steps: int) -> int:
@@ -192,33 +204,17 @@ def _build_muon(model: nn.Module, args: TrainingArguments) -> MuonAdamW:
         for name, param in module.named_parameters(recurse=False)
     }
     muon: list[nn.Parameter] = []
-    decay: list[nn.Parameter] = []
-    no_decay: list[nn.Parameter] = []
-    for param in model.parameters():
-        if not param.requires_grad:
-            continue
+    rest: list[nn.Parameter] = []
+    for param in _trainable(model):
         name, module = owners[id(param)]
-        if _is_muon_matrix(name, param, module):
-            muon.append(param)
-        else:
-            (decay if param.dim() >= 2 else no_decay).append(param)
-    if not muon and not decay and not no_decay:
-        raise TrainingConfigError(
-            f"{type(model).__name__} has no trainable parameters; nothing to train"
-        )
-    kwargs = dict(args.optimizer_kwargs)
+        (muon if _is_muon_matrix(name, param, module) else rest).append(param)
+    kwargs = _json_kwargs(args.optimizer_kwargs)
     muon_keys = {"momentum", "nesterov", "ns_coefficients", "ns_steps", "adjust_lr_fn"}
     muon_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in muon_keys}
-    if "betas" in kwargs and isinstance(kwargs["betas"], list):
-        kwargs["betas"] = tuple(kwargs["betas"])
-    adamw_groups = [
-        {"params": decay, "weight_decay": args.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
     try:
         return MuonAdamW(
             [{"params": muon, "weight_decay": args.weight_decay}] if muon else [],
-            [g for g in adamw_groups if g["params"]],
+            _decay_groups(rest, args.weight_decay),
             lr=args.learning_rate,
             muon_kwargs=muon_kwargs,
             adamw_kwargs=kwargs,
