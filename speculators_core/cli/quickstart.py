@@ -7,7 +7,6 @@ from typing import Any
 
 import click
 
-from speculators_core.errors import SpeculatorsError
 from speculators_core.quickstart.settings import GENERATION_BACKENDS
 
 __all__ = ["quickstart_command"]
@@ -244,21 +243,16 @@ def quickstart_command(
     and OUTPUT/training.png. Interrupted runs continue with --resume.
     """
     from speculators_core.cli.plugin_host import command_host
-    from speculators_core.cli.train import parse_algo_options, with_loss
+    from speculators_core.cli.train import parse_algo_options, with_flag_option
     from speculators_core.options import positive_ints
     from speculators_core.quickstart.pipeline import run_quickstart
     from speculators_core.quickstart.settings import QuickstartSettings
 
-    algo_options: dict[str, Any] = with_loss(dict(parse_algo_options(algo_opt)), loss)
-    if ttt_steps is not None:
-        if "ttt_steps" in algo_options and str(algo_options["ttt_steps"]).strip() != str(ttt_steps):
-            raise SpeculatorsError(
-                f"--ttt-steps {ttt_steps} and --algo-opt ttt_steps={algo_options['ttt_steps']} "
-                "disagree; pass one of them"
-            )
-        # Refused by QuickstartSettings.with_algorithm, listing the algorithm's options, when
-        # the algorithm has no ttt_steps.
-        algo_options["ttt_steps"] = ttt_steps
+    algo_options: dict[str, Any] = dict(parse_algo_options(algo_opt))
+    algo_options = with_flag_option(algo_options, "objective", "--loss", loss)
+    # Refused by QuickstartSettings.with_algorithm, listing the algorithm's options, when the
+    # algorithm has no ttt_steps.
+    algo_options = with_flag_option(algo_options, "ttt_steps", "--ttt-steps", ttt_steps)
 
     settings = QuickstartSettings(
         verifier=verifier,

@@ -133,7 +133,9 @@ def _run(
         if not values.get(flag):
             values[flag] = None
     config = resolve_run_config(
-        file_values, values, with_loss(dict(parse_algo_options(algo_opt)), loss)
+        file_values,
+        values,
+        with_flag_option(dict(parse_algo_options(algo_opt)), "objective", "--loss", loss),
     )
     ctx = DistributedContext.from_env(config.training.device)
     try:
@@ -153,17 +155,23 @@ def _run(
         ctx.close()
 
 
-def with_loss(algo_options: dict[str, Any], loss: str | None) -> dict[str, Any]:
-    """``--loss SPEC`` as the algorithm option ``objective`` (refused in one line when it and
-    ``--algo-opt objective=...`` disagree; an algorithm without the option refuses it itself)."""
-    if loss is None:
+def with_flag_option(
+    algo_options: dict[str, Any], name: str, flag: str, value: Any
+) -> dict[str, Any]:
+    """A flag that is shorthand for the algorithm option ``name`` (``--loss`` for ``objective``,
+    the quickstart's ``--ttt-steps`` for ``ttt_steps``), merged into ``algo_options``.
+
+    Refused in one line when it and ``--algo-opt name=...`` disagree; an algorithm without the
+    option refuses it itself, listing its options, when the options are resolved.
+    """
+    if value is None:
         return algo_options
-    given = algo_options.get("objective")
-    if given is not None and str(given).strip() != loss.strip():
+    given = algo_options.get(name)
+    if given is not None and str(given).strip() != str(value).strip():
         raise SpeculatorsError(
-            f"--loss {loss} and --algo-opt objective={given} disagree; pass one of them"
+            f"{flag} {value} and --algo-opt {name}={given} disagree; pass one of them"
         )
-    return {**algo_options, "objective": loss}
+    return {**algo_options, name: value}
 
 
 def algorithm_options_help() -> list[str]:

@@ -113,3 +113,17 @@ def test_optimizer_is_checked_before_any_output_and_old_runs_resume(tmp_path):
     assert QuickstartSettings().changed_fixed_fields(recorded) == []
     # ... and not with another optimizer, which would train a different draft.
     assert QuickstartSettings(optimizer="muon").changed_fixed_fields(recorded) == ["optimizer"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--ttt-steps", "2", "--algo-opt", "ttt_steps=3"], "--ttt-steps 2 and --algo-opt ttt_steps=3 disagree"),
+        (["--loss", "kl", "--algo-opt", "objective=lk"], "--loss kl and --algo-opt objective=lk disagree"),
+    ],
+)  # fmt: skip
+def test_a_shorthand_flag_and_its_algo_opt_must_agree(tmp_path, args, message):
+    out = tmp_path / "out"
+    result = CliRunner().invoke(quickstart_command, ["--output", str(out), *args])
+    assert message in str(result.exception), result.output
+    assert not out.exists()
