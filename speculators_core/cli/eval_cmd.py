@@ -282,8 +282,7 @@ def _measure_served(
     from speculators_core.evaluate.prompts import load_prompt_texts, render_prompts
     from speculators_core.evaluate.vllm_env import vllm_available
     from speculators_core.evaluate.vllm_runner import vllm_serving
-    from speculators_core.evaluate.vllm_server import compare_served
-    from speculators_core.fsutil import atomic_file
+    from speculators_core.evaluate.vllm_server import compare_served, save_served
 
     if temperature != 0.0:
         raise SpeculatorsError(
@@ -316,11 +315,7 @@ def _measure_served(
 
     for line in served_table(report):
         click.echo(line)
-    with atomic_file(output / "server.json") as tmp:
-        tmp.write_text(json.dumps(report, indent=2))
-    from speculators_core.evaluate.plots import plot_served_speedups
-
-    plots = plot_served_speedups(report, output)
+    plots = save_served(report, output / "server.json", output)
     click.echo(f"wrote {output / 'server.json'} and {', '.join(p.name for p in plots)}")
     if write_k:
         from speculators_core.evaluate.vllm_server import write_chosen_k

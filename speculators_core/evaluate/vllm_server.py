@@ -49,6 +49,7 @@ __all__ = [
     "measure_server",
     "ngram_argv",
     "parse_spec_counters",
+    "save_served",
     "verifier_argv",
     "write_chosen_k",
 ]
@@ -610,6 +611,17 @@ def compare_served(
         "pays": best > 1.0,
         "logs": str(logs),
     }
+
+
+def save_served(report: Mapping[str, Any], json_path: Path, plot_dir: Path) -> list[Path]:
+    """Write :func:`compare_served`'s report to ``json_path`` (atomically) and its two speed-up
+    PNGs into ``plot_dir``; return the PNGs' paths."""
+    from speculators_core.evaluate.plots import plot_served_speedups
+    from speculators_core.fsutil import atomic_file
+
+    with atomic_file(json_path) as tmp:
+        tmp.write_text(json.dumps(report, indent=2) + "\n")
+    return plot_served_speedups(report, plot_dir)
 
 
 def write_chosen_k(

@@ -525,6 +525,12 @@ def _eval_prompts(settings: QuickstartSettings, verifier: Path) -> tuple[list[li
     return prompts, eos
 
 
+def _served_from_folder(settings: QuickstartSettings, host: PluginHost) -> bool:
+    """Whether vLLM serves the algorithm's folder itself (no export step)."""
+    serving = host.algorithm(settings.algorithm).vllm
+    return serving is not None and not serving.export
+
+
 def _eval_stage(
     state: _State,
     settings: QuickstartSettings,
@@ -544,9 +550,7 @@ def _eval_stage(
         k=settings.k, temperature=0.0, max_new_tokens=settings.eval_max_new_tokens, seed=0
     )
     results: list[dict[str, Any]] = []
-    serving = host.algorithm(settings.algorithm).vllm
-    servable = serving is not None and not serving.export  # vLLM reads the folder itself
-    if settings.vllm_eval and not servable:
+    if settings.vllm_eval and not _served_from_folder(settings, host):
         echo(f"[eval] vLLM cannot serve algorithm '{settings.algorithm}': skipping vLLM")
     elif settings.vllm_eval and vllm_available():
         echo(f"[eval] vLLM: {len(prompts)} held-out prompts, k={settings.k}, greedy")
@@ -597,11 +601,10 @@ def _serve_stage(
         return dict(recorded["report"]) if recorded.get("report") else None
     from speculators_core.evaluate.vllm_runner import vllm_available
 
-    serving = host.algorithm(settings.algorithm).vllm
     skip = None
     if not settings.server_eval:
         skip = "switched off (--no-server-eval)"
-    elif serving is None or serving.export:
+    elif not _served_from_folder(settings, host):
         skip = f"vLLM cannot serve algorithm '{settings.algorithm}' from its folder"
     elif not vllm_available():
         skip = "vLLM is not installed"
@@ -611,8 +614,7 @@ def _serve_stage(
         state.finish("serve", seconds=0.0, skipped=skip, report=None)
         return None
 
-    from speculators_core.evaluate.plots import plot_served_speedups
-    from speculators_core.evaluate.vllm_server import compare_served, write_chosen_k
+    from speculators_core.evaluate.vllm_server import compare_served, save_served, write_chosen_k
 
     started = time.perf_counter()
     prompts, _ = _eval_prompts(settings, verifier)
@@ -636,9 +638,7 @@ def _serve_stage(
         log_dir=folder / "logs",
         echo=lambda line: echo(f"[serve] {line}"),
     )
-    with atomic_file(folder / "server.json") as tmp:
-        tmp.write_text(json.dumps(report, indent=2) + "\n")
-    plot_served_speedups(report, out)
+    save_served(report, folder / "server.json", out)
     from speculators_core.evaluate.tables import served_table
 
     for line in served_table(report):
