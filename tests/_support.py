@@ -125,3 +125,54 @@ def check_served_report(
     assert report["chosen_k"] == chosen
     assert report["pays"] == (report["draft"][str(chosen)]["speedup"]["1"] > 1)
     return chosen
+
+
+def fit_tiny_draft(
+    root: Path, questions: list[str], new_tokens: int, *, speculative_tokens: int
+) -> dict[str, Any]:
+    """A tiny verifier vLLM for CPU serves and an EAGLE-3 draft fitted to its own greedy
+    continuations of ``questions`` (so vLLM must accept the draft's tokens), saved in
+    ``root/draft``. Returns the verifier folder, the draft folder, the loaded verifier model,
+    its tokenizer, the prompts, the continuations and the fit's history."""
+    import pytest
+    import torch
+
+    eagle3 = pytest.importorskip("speculators_eagle3")
+    from collections import Counter
+
+    from speculators_core.evaluate.vllm_drafts import fit_draft
+    from speculators_core.testing import make_tiny_verifier
+
+    # head_dim 32: vLLM's CPU attention supports head sizes 32, 64, 80, ... (not 16).
+    verifier = make_tiny_verifier(root / "verifier", num_heads=2, num_kv_heads=1)
+    # transformers' greedy continuations: the draft's training data
+    model, tokenizer, prompts, greedy = greedy_continuations(verifier, questions, new_tokens)
+    counts = Counter(t for p, g in zip(prompts, greedy) for t in p + g)
+    torch.manual_seed(0)  # the draft's initial weights
+    draft = eagle3.Eagle3DraftModel.from_verifier(
+        verifier,
+        aux_layer_ids=[1, 2, 3],
+        draft_vocab_size=128,  # < 259: vLLM must apply d2t
+        token_counts=dict(counts),
+        ttt_steps=2,
+        noise_std=0.0,
+        speculative_tokens=speculative_tokens,
+    )
+    history = fit_draft(
+        draft,
+        model,
+        [p + g for p, g in zip(prompts, greedy)],
+        [len(p) for p in prompts],
+        steps=60,
+        lr=1e-2,
+    )
+    draft.save_pretrained(root / "draft")
+    return {
+        "verifier": verifier,
+        "draft": root / "draft",
+        "model": model,
+        "tokenizer": tokenizer,
+        "prompts": prompts,
+        "greedy": greedy,
+        "history": history,
+    }

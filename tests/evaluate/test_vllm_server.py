@@ -7,11 +7,9 @@ import os
 import signal
 import threading
 import time
-from collections import Counter
 from pathlib import Path
 
 import pytest
-import torch
 
 from speculators_core import PluginHost
 from speculators_core.evaluate.vllm_env import vllm_available
@@ -277,36 +275,11 @@ QUESTIONS = [
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """A tiny verifier and an EAGLE-3 draft fitted to its greedy continuations of the prompts."""
-    eagle3 = pytest.importorskip("speculators_eagle3")
-    from _support import greedy_continuations
-
-    from speculators_core.evaluate.vllm_drafts import fit_draft
-    from speculators_core.testing import make_tiny_verifier
+    from _support import fit_tiny_draft
 
     root = tmp_path_factory.mktemp("vllm-server")
-    verifier = make_tiny_verifier(root / "verifier", num_heads=2, num_kv_heads=1)
-    model, _, prompts, greedy = greedy_continuations(verifier, QUESTIONS, NEW_TOKENS)
-    counts = Counter(t for p, g in zip(prompts, greedy) for t in p + g)
-    torch.manual_seed(0)
-    draft = eagle3.Eagle3DraftModel.from_verifier(
-        verifier,
-        aux_layer_ids=[1, 2, 3],
-        draft_vocab_size=128,
-        token_counts=dict(counts),
-        ttt_steps=2,
-        noise_std=0.0,
-        speculative_tokens=2,
-    )
-    fit_draft(
-        draft,
-        model,
-        [p + g for p, g in zip(prompts, greedy)],
-        [len(p) for p in prompts],
-        steps=60,
-        lr=1e-2,
-    )
-    draft.save_pretrained(root / "draft")
-    return {"verifier": verifier, "draft": root / "draft", "prompts": prompts, "root": root}
+    fitted = fit_tiny_draft(root, QUESTIONS, NEW_TOKENS, speculative_tokens=2)
+    return {**fitted, "root": root}
 
 
 @pytest.mark.vllm

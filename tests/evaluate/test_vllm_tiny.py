@@ -9,10 +9,7 @@ sampling at temperature 0.05 (vLLM's rejection sampler).
 
 from __future__ import annotations
 
-from collections import Counter
-
 import pytest
-import torch
 
 from speculators_core import PluginHost
 from speculators_core.check import check_checkpoint
@@ -37,37 +34,11 @@ QUESTIONS = [
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    eagle3 = pytest.importorskip("speculators_eagle3")
-    from _support import greedy_continuations
-
-    from speculators_core.evaluate.vllm_drafts import fit_draft
-    from speculators_core.testing import make_tiny_verifier
+    from _support import fit_tiny_draft
 
     root = tmp_path_factory.mktemp("vllm-tiny")
-    # head_dim 32: vLLM's CPU attention supports head sizes 32, 64, 80, ... (not 16).
-    verifier = make_tiny_verifier(root / "verifier", num_heads=2, num_kv_heads=1)
-    # transformers' greedy continuations: the draft's training data
-    model, tokenizer, prompts, greedy = greedy_continuations(verifier, QUESTIONS, NEW_TOKENS)
-    counts = Counter(t for p, g in zip(prompts, greedy) for t in p + g)
-    torch.manual_seed(0)  # the draft's initial weights
-    draft = eagle3.Eagle3DraftModel.from_verifier(
-        verifier,
-        aux_layer_ids=[1, 2, 3],
-        draft_vocab_size=128,  # < 259: vLLM must apply d2t
-        token_counts=dict(counts),
-        ttt_steps=2,
-        noise_std=0.0,
-        speculative_tokens=K,
-    )
-    history = fit_draft(
-        draft,
-        model,
-        [p + g for p, g in zip(prompts, greedy)],
-        [len(p) for p in prompts],
-        steps=60,
-        lr=1e-2,
-    )
-    draft.save_pretrained(root / "draft")
+    fitted = fit_tiny_draft(root, QUESTIONS, NEW_TOKENS, speculative_tokens=K)
+    verifier, prompts = fitted["verifier"], fitted["prompts"]
     common = dict(
         verifier=verifier,
         prompts=prompts,
@@ -90,15 +61,15 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return {
         "verifier": verifier,
         "draft": root / "draft",
-        "model": model,
+        "model": fitted["model"],
         "prompts": prompts,
-        "greedy": greedy,
-        "history": history,
+        "greedy": fitted["greedy"],
+        "history": fitted["history"],
         "baseline": baseline,
         "speculative": speculative,
         "batch1": batch1,
         "sampled": sampled,
-        "eos": tokenizer.eos_token_id,
+        "eos": fitted["tokenizer"].eos_token_id,
     }
 
 
