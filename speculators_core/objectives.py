@@ -10,6 +10,10 @@ Objectives are plugin records (:class:`~speculators_core.plugins.records.Objecti
 registers the standard ones below, a plugin adds its own through the
 ``speculators_register_objectives`` hook, and users pick one or a weighted mix by name:
 ``kl`` or ``kl=0.5,lk=0.5`` (:func:`parse_objective_spec`, :func:`resolve_objective`).
+Whichever is chosen, training keeps one ``[N, V]`` tensor per call for the backward pass, as
+the hand-written forward KL does: :class:`WeightedObjective` computes the objective's gradient
+chunk by chunk in the forward pass and keeps only that (objectives are per-position, so it is
+the whole Jacobian).
 
 Notation, per position: ``p`` the verifier's distribution, ``q = softmax(logits)`` the draft's,
 both over the draft vocabulary; ``alpha = sum_x min(p(x), q(x))`` is the probability that a
@@ -53,6 +57,7 @@ __all__ = [
     "ALIASES",
     "BUILTIN_OBJECTIVES",
     "DEFAULT_OBJECTIVE",
+    "LEAN_CHUNK_ELEMENTS",
     "LK_ETA",
     "ObjectiveFunction",
     "TargetDistribution",
@@ -104,8 +109,16 @@ class TargetDistribution:
         """The distribution at rows ``index`` (``[M]`` int64)."""
         return TargetDistribution(self.log_probs[index], self.probs[index], self.ids[index])
 
+    def rows(self, start: int, end: int) -> TargetDistribution:
+        """The distribution at rows ``start:end`` (views, no copy)."""
+        return TargetDistribution(
+            self.log_probs[start:end], self.probs[start:end], self.ids[start:end]
+        )
+
 
 #: An objective's loss: draft logits ``[N, V]`` and the target at the same rows -> ``[N]`` fp32.
+#: Row ``i`` of the result depends on row ``i`` of the logits and the target only (what lets
+#: :class:`WeightedObjective` compute any objective chunk by chunk, memory-lean).
 ObjectiveFunction = Callable[[torch.Tensor, TargetDistribution], torch.Tensor]
 
 
@@ -202,17 +215,75 @@ BUILTIN_OBJECTIVES: dict[str, tuple[ObjectiveFunction, str]] = {
 }
 
 
+#: Rows per chunk of the memory-lean path hold about this many logits, so the autograd
+#: temporaries of one chunk (several ``[rows, V]`` fp32 tensors) stay a few tens of MB.
+LEAN_CHUNK_ELEMENTS = 1 << 22
+
+
+class _RowwiseLoss(torch.autograd.Function):
+    """Any per-position objective with the memory footprint of the hand-written forward KL.
+
+    Every objective's loss at row ``i`` depends on ``logits[i]`` alone (the contract of
+    :data:`ObjectiveFunction`), so ``d loss_i / d logits`` is zero outside row ``i`` and the
+    whole Jacobian is one ``[N, V]`` tensor: the gradient of ``sum_i loss_i``. The forward pass
+    computes it chunk by chunk under autograd and keeps only it; the backward pass scales its
+    rows by the incoming per-position gradient. Plain autograd would keep every ``[N, V]``
+    temporary of the objective (log-softmax, probabilities, mixtures: five to eight of them for
+    ``jsd``) until the backward pass.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        logits: torch.Tensor,
+        objective: ObjectiveFunction,
+        target: TargetDistribution,
+    ) -> torch.Tensor:
+        rows = max(1, LEAN_CHUNK_ELEMENTS // max(1, logits.shape[-1]))
+        values: list[torch.Tensor] = []
+        grads: list[torch.Tensor] = []
+        for start in range(0, logits.shape[0], rows):
+            end = min(start + rows, logits.shape[0])
+            with torch.enable_grad():
+                piece = logits[start:end].detach().requires_grad_(True)
+                value = objective(piece, target.rows(start, end))
+                (grad,) = torch.autograd.grad(value.sum(), piece)
+            values.append(value.detach())
+            grads.append(grad)
+        ctx.save_for_backward(torch.cat(grads) if grads else torch.zeros_like(logits))
+        return torch.cat(values) if values else logits.new_zeros(0, dtype=torch.float32)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        (jacobian,) = ctx.saved_tensors
+        return jacobian * grad.unsqueeze(-1).to(jacobian.dtype), None, None
+
+
 @dataclass(frozen=True)
 class WeightedObjective:
     """A weighted sum of objectives: ``sum_i weight_i * loss_i`` per position.
 
     ``spec`` is the text it was made from (``kl`` or ``kl=0.5,lk=0.5``), recorded with a run.
+    Calling it takes the memory-lean path when a gradient is wanted (:class:`_RowwiseLoss`:
+    one ``[N, V]`` tensor kept for the backward pass, whatever the objectives), except for
+    forward KL alone, whose hand-written backward already is that; :meth:`plain` is the same
+    sum through ordinary autograd.
     """
 
     spec: str
     terms: tuple[tuple[Objective, float], ...]
 
     def __call__(self, logits: torch.Tensor, target: TargetDistribution) -> torch.Tensor:
+        if not (logits.requires_grad and torch.is_grad_enabled()):
+            return self.plain(logits, target)
+        if len(self.terms) == 1 and self.terms[0][0].loss is forward_kl and self.terms[0][1] == 1:
+            return forward_kl(logits, target)
+        value: torch.Tensor = _RowwiseLoss.apply(logits, self.plain, target)
+        return value
+
+    def plain(self, logits: torch.Tensor, target: TargetDistribution) -> torch.Tensor:
+        """The weighted sum per position, through ordinary autograd."""
         total: torch.Tensor | None = None
         for objective, weight in self.terms:
             value = objective.loss(logits, target)

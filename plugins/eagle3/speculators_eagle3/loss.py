@@ -22,7 +22,8 @@ batch, the positions each step reads (:class:`TTTLossPlan`), so the model comput
 logits and verifier targets only there; the target log-softmax is taken once per position,
 not once per step (:class:`~speculators_core.objectives.TargetDistribution`); the default
 forward KL has a hand-written backward (``softmax(logits) - p``) instead of autograd through
-every ``[N, Vd]`` temporary. :func:`ttt_loss` takes full ``[B, T, Vd]``
+every ``[N, Vd]`` temporary, and any other objective or mix keeps one ``[N, Vd]`` tensor too
+(its gradient, computed chunk by chunk in the forward pass: ``WeightedObjective``). :func:`ttt_loss` takes full ``[B, T, Vd]``
 logits and does the same.
 """
 

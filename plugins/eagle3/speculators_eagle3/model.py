@@ -24,6 +24,7 @@ import logging
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
@@ -594,6 +595,7 @@ class Eagle3DraftModel(HiddenStateDraftModel):
         speculative_tokens: int | None = None,
         verifier_name_or_path: str | None = None,
         attn_implementation: str = "auto",
+        init_from: str | os.PathLike[str] | None = None,
         **unknown: Any,
     ) -> Eagle3DraftModel:
         """A fresh EAGLE-3 draft for the verifier in folder ``verifier``.
@@ -618,6 +620,10 @@ class Eagle3DraftModel(HiddenStateDraftModel):
           ``num_speculative_tokens``); default ``ttt_steps``.
         * ``verifier_name_or_path``: what to record as the verifier (a hub id or the path valid
           where vLLM will run); default the absolute path of ``verifier``.
+        * ``init_from``: a saved ``eagle3`` folder (e.g. an earlier run's ``final/``) whose
+          weights the draft starts from, for a curriculum (one data set, then another). Its
+          architecture (layers, norms, aux layers, draft vocabulary) must be the one asked for
+          here; the training settings are the new ones.
         """
         if unknown:
             raise SpeculatorsError(
@@ -684,8 +690,65 @@ class Eagle3DraftModel(HiddenStateDraftModel):
         if mapping is not None and model.d2t is not None and model.t2d is not None:
             model.d2t.copy_(mapping[0])
             model.t2d.copy_(mapping[1])
+        if init_from is not None:
+            model._start_from(Path(init_from))
         model.attach_verifier_parts(verifier)
         return model
+
+    #: Config fields that define the draft's weights: an ``init_from`` folder must match them.
+    _ARCHITECTURE_FIELDS = (
+        "draft_vocab_size",
+        "norm_before_residual",
+        "norm_before_fc",
+        "fc_norm",
+        "norm_output",
+        "eagle_aux_hidden_state_layer_ids",
+        "target_hidden_size",
+    )
+
+    def _start_from(self, path: Path) -> None:
+        """Copy the weights of the saved eagle3 folder ``path`` into this fresh draft."""
+        try:
+            saved = type(self).from_pretrained(path)
+        except (SpeculatorsError, OSError, ValueError) as err:
+            raise SpeculatorsError(f"init_from '{path}' cannot be loaded: {err}") from err
+        if not isinstance(saved, Eagle3DraftModel):
+            raise SpeculatorsError(
+                f"init_from '{path}' holds a {type(saved).__name__}, not an eagle3 draft; pass "
+                "the final/ folder of an eagle3 run"
+            )
+        for name in self._ARCHITECTURE_FIELDS:
+            theirs, ours = getattr(saved.config, name), getattr(self.config, name)
+            if theirs != ours:
+                raise SpeculatorsError(
+                    f"init_from '{path}' has {name}={theirs} but {name}={ours} was asked for; "
+                    "pass the same options (and --vocab) as the run that made it"
+                )
+        mine = {
+            name: tensor
+            for name, tensor in self.state_dict().items()
+            if not name.startswith(("verifier_lm_head.", "verifier_norm."))
+        }
+        theirs_state = saved.state_dict()
+        differing = [
+            name
+            for name, tensor in mine.items()
+            if name not in theirs_state or theirs_state[name].shape != tensor.shape
+        ]
+        if differing:
+            raise SpeculatorsError(
+                f"init_from '{path}' has another architecture ({', '.join(differing[:4])} "
+                "missing or of another shape); pass the same num_layers and layer_type as the run "
+                "that made it"
+            )
+        if self.d2t is not None and not torch.equal(mine["d2t"], theirs_state["d2t"]):
+            raise SpeculatorsError(
+                f"init_from '{path}' has another draft vocabulary; pass the same --vocab as the "
+                "run that made it"
+            )
+        with torch.no_grad():
+            for name, tensor in mine.items():
+                tensor.copy_(theirs_state[name].to(dtype=tensor.dtype))
 
 
 @dataclass(frozen=True)

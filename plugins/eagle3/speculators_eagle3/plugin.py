@@ -84,6 +84,12 @@ TRAINING_OPTIONS: tuple[TrainingOption, ...] = (
         "Attention kernel in training (auto: flex on CUDA, else sdpa).",
         choices=("auto", *ATTENTION_IMPLEMENTATIONS),
     ),
+    TrainingOption(
+        "init_from",
+        str,
+        None,
+        "A saved eagle3 folder (e.g. an earlier run's final/) to start from: a curriculum.",
+    ),
 )
 
 

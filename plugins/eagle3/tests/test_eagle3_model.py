@@ -414,3 +414,54 @@ def test_spec_for_verifier_matches_a_built_draft(tmp_path):
         built = Eagle3DraftModel.from_verifier(verifier, **options).hidden_state_spec()
         assert Eagle3DraftModel.hidden_state_spec_for_verifier(verifier, **options) == built
     assert Eagle3DraftModel.hidden_state_spec_for_verifier(verifier).layer_ids == (2, 4, 5, 8)
+
+
+def test_init_from_an_earlier_run(tiny_verifier: Path, tmp_path: Path) -> None:
+    """init_from starts from a saved draft's weights; training options are the new ones."""
+    options: dict[str, Any] = {
+        "aux_layer_ids": AUX_IDS,
+        "draft_vocab_size": 100,
+        "token_counts": COUNTS,
+    }
+    first = Eagle3DraftModel.from_verifier(tiny_verifier, ttt_steps=2, **options)
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for parameter in first.parameters():
+            if parameter.requires_grad:
+                parameter.add_(torch.randn(parameter.shape, generator=generator))
+    first.save_pretrained(tmp_path / "stage1")
+    second = Eagle3DraftModel.from_verifier(
+        tiny_verifier, ttt_steps=3, noise_std=0.0, init_from=tmp_path / "stage1", **options
+    )
+    trained = [name for name, p in first.named_parameters() if p.requires_grad]
+    assert trained
+    for name, tensor in first.state_dict().items():
+        assert torch.equal(second.state_dict()[name], tensor), name
+    assert second.ttt_steps == 3 and second.noise_std == 0.0
+    fresh = Eagle3DraftModel.from_verifier(tiny_verifier, **options)
+    assert not torch.equal(fresh.fc.weight, second.fc.weight)
+
+    normed = _saved(tiny_verifier, tmp_path / "normed", options)
+    with pytest.raises(SpeculatorsError, match="norm_output=True but norm_output=False"):
+        Eagle3DraftModel.from_verifier(tiny_verifier, init_from=normed, **options)
+    with pytest.raises(SpeculatorsError, match="another architecture"):
+        Eagle3DraftModel.from_verifier(
+            tiny_verifier, init_from=tmp_path / "stage1", num_layers=2, **options
+        )
+    other_counts = {i: (i * 53) % 97 for i in range(259)}
+    with pytest.raises(SpeculatorsError, match="another draft vocabulary"):
+        Eagle3DraftModel.from_verifier(
+            tiny_verifier,
+            init_from=tmp_path / "stage1",
+            aux_layer_ids=AUX_IDS,
+            draft_vocab_size=100,
+            token_counts=other_counts,
+        )
+    with pytest.raises(SpeculatorsError, match="cannot be loaded"):
+        Eagle3DraftModel.from_verifier(tiny_verifier, init_from=tmp_path / "absent", **options)
+
+
+def _saved(verifier: Path, folder: Path, options: dict[str, Any]) -> Path:
+    """A draft with ``norm_output`` on, saved to ``folder``."""
+    Eagle3DraftModel.from_verifier(verifier, norm_output=True, **options).save_pretrained(folder)
+    return folder
