@@ -123,3 +123,33 @@ def test_a_plugin_objective_installed_in_a_site_folder_trains_by_name(
         unknown.stderr
     )
     assert not (tmp_path / "d").exists()
+
+
+def test_speculators_train_peagle_on_the_same_store(eagle3_host, eagle3_store, tmp_path):
+    """The CLI trains a P-EAGLE draft from the EAGLE-3 store (same hidden states) and writes a
+    folder that loads as P-EAGLE and passes its check rules."""
+    from speculators_eagle3 import PEagleDraftModel
+
+    from speculators_core.check import check_checkpoint
+
+    verifier, store = eagle3_store
+    out = tmp_path / "run"
+    args = [
+        "--algorithm", "peagle", "--verifier", verifier, "--data", store, "--output", out,
+        "--draft-vocab-size", "64", "--algo-opt", "num_depths=3", "--algo-opt", "mask_token_id=7",
+        "--seq-len", "256", "--max-steps", "4", "--log-every", "1", "--learning-rate", "1e-3",
+        "--no-progress", "--no-console-log",
+    ]  # fmt: skip
+    result = CliRunner().invoke(train_command, [str(a) for a in args], obj=eagle3_host)
+    assert result.exception is None, repr(result.exception)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if "loss" in r]
+    assert [r["step"] for r in train] == [1, 2, 3, 4]
+    assert {"loss_0", "loss_1", "loss_2", "full_acc_0", "est_accept_len"} <= train[0].keys()
+    assert train[-1]["loss"] < train[0]["loss"]
+    config = json.loads((out / "final" / "config.json").read_text())
+    assert config["speculators_model_type"] == "peagle" and config["mask_token_id"] == 7
+    assert config["speculators_config"]["proposal_methods"][0]["speculative_tokens"] == 3
+    model = load_speculator(out / "final", host=eagle3_host, verifier=verifier)
+    assert type(model) is PEagleDraftModel
+    assert check_checkpoint(out / "final", host=eagle3_host).findings == []

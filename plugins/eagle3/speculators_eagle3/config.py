@@ -17,7 +17,7 @@ from transformers import PreTrainedConfig
 from speculators_core import ConfigError, SpeculatorModelConfig
 from speculators_core.modeling import coerce_layer_config, default_layer_config
 
-__all__ = ["DRAFT_LAYER_TYPES", "Eagle3SpeculatorConfig"]
+__all__ = ["DRAFT_LAYER_TYPES", "Eagle3SpeculatorConfig", "PEagleSpeculatorConfig"]
 
 #: Decoder-layer families a draft can use; vLLM maps them to its Eagle3 Llama/Qwen3 classes.
 DRAFT_LAYER_TYPES: tuple[str, ...] = ("llama", "qwen3")
@@ -117,3 +117,30 @@ class Eagle3SpeculatorConfig(SpeculatorModelConfig):
         """How many verifier states ``fc`` concatenates (3 when the ids are not recorded)."""
         ids = self.eagle_aux_hidden_state_layer_ids
         return len(ids) if ids else 3
+
+
+class PEagleSpeculatorConfig(Eagle3SpeculatorConfig):
+    """Config of a P-EAGLE draft (``speculators_model_type: "peagle"``; FORMAT-PARALLEL.md 2.1).
+
+    An EAGLE-3 draft that proposes all ``k`` tokens in one forward: after the newest verified
+    position it reads ``k - 1`` slots holding ``mask_token_id`` and the learned ``mask_hidden``
+    feature. Fields beyond :class:`Eagle3SpeculatorConfig`'s:
+
+    * ``mask_token_id`` - the token id of the mask slots. vLLM reads it (as ``pard_token``) and
+      fails without it, so a draft always writes it.
+    * ``embed_requires_grad`` - true by default: P-EAGLE trains the token embedding (the mask
+      token's row above all).
+    """
+
+    speculators_model_type: str = "peagle"
+    mask_token_id: int | None = None
+    embed_requires_grad: bool = True
+
+    def _check_consistency(self) -> None:
+        super()._check_consistency()
+        vocab = self.layer_config.vocab_size
+        if self.mask_token_id is not None and not 0 <= self.mask_token_id < vocab:
+            raise ConfigError(
+                f"config: mask_token_id {self.mask_token_id} is not a token id of the "
+                f"{vocab}-token vocabulary; write the id the draft was trained with"
+            )

@@ -25,7 +25,7 @@ from speculators_core.lint import (
     read_small_tensor,
 )
 
-__all__ = ["EAGLE3_LAYER_TYPES", "lint_eagle3"]
+__all__ = ["EAGLE3_LAYER_TYPES", "lint_eagle3", "lint_peagle"]
 
 #: Draft decoder families vLLM maps to its EAGLE-3 classes.
 EAGLE3_LAYER_TYPES: tuple[str, ...] = ("llama", "qwen3")
@@ -308,6 +308,8 @@ class _Eagle3Rules:
                 for proj in ("gate_proj", "up_proj", "down_proj"):
                     expected[f"{p}mlp.{proj}.bias"] = None
 
+        self._extra_tensors(expected, required, num_aux * s["Ht"])
+
         # Fused projections were reported by the core; the separate projections a fused tensor
         # stands for are not reported missing as well.
         fused = self.context.fused
@@ -362,6 +364,14 @@ class _Eagle3Rules:
                 "not floating point",
                 "save the weights in float32, bfloat16 or float16",
             )
+
+    def _extra_tensors(
+        self,
+        expected: dict[str, tuple[int, ...] | None],
+        required: list[str],
+        fc_width: int,
+    ) -> None:
+        """Add a derived algorithm's own tensors to ``expected``/``required`` (none here)."""
 
     def _check_fc_width(
         self,
@@ -480,3 +490,58 @@ class _Eagle3Rules:
                 f"{problem} (d2t holds offsets: verifier id = i + d2t[i])",
                 "rebuild d2t/t2d from the token counts (speculators_core.vocab.build_vocab_mapping)",
             )
+
+
+def lint_peagle(context: LintContext) -> Iterable[Finding]:
+    """The P-EAGLE findings: every EAGLE-3 rule, then what vLLM 0.32 reads for ``peagle``
+    (FORMAT-PARALLEL.md 2.1, 2.6): ``mask_token_id``, ``mask_hidden``, no ``fc_norm``, and the
+    aux-state count a Llama draft layer learns from its config."""
+    rules = _PEagleRules(context)
+    rules.run()
+    return rules.findings
+
+
+class _PEagleRules(_Eagle3Rules):
+    def run(self) -> None:
+        super().run()
+        data = self.context.config
+        token = data.get("mask_token_id")
+        if isinstance(token, bool) or not isinstance(token, int):
+            self.config(
+                "peagle-mask-token",
+                "mask_token_id is "
+                + ("missing" if token is None else f"{token!r}, not a token id")
+                + " (vLLM reads it as the parallel-drafting token and fails without it)",
+                "write the mask token id the draft was trained with",
+            )
+        if data.get("fc_norm"):
+            self.config(
+                "peagle-fc-norm",
+                "fc_norm is true, but vLLM does not read fc_norm for P-EAGLE drafts and would "
+                "serve the draft without those norms",
+                "retrain with norm_before_fc (or no input norm) instead of fc_norm",
+            )
+        layer = data.get("transformer_layer_config")
+        ids = data.get("eagle_aux_hidden_state_layer_ids")
+        if (
+            isinstance(layer, dict)
+            and layer.get("model_type") == "llama"
+            and isinstance(ids, list)
+            and len(ids) != 3
+            and layer.get("num_aux_hidden_states") != len(ids)
+        ):
+            self.config(
+                "peagle-aux-count",
+                f"a Llama-layer P-EAGLE draft with {len(ids)} aux states: vLLM sizes its fc for "
+                "3 unless transformer_layer_config says otherwise",
+                f"write num_aux_hidden_states: {len(ids)} inside transformer_layer_config",
+            )
+
+    def _extra_tensors(
+        self,
+        expected: dict[str, tuple[int, ...] | None],
+        required: list[str],
+        fc_width: int,
+    ) -> None:
+        expected["mask_hidden"] = (1, 1, fc_width)
+        required.append("mask_hidden")

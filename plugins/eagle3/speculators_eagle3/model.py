@@ -145,6 +145,8 @@ class Eagle3DraftModel(HiddenStateDraftModel):
 
     config_class = Eagle3SpeculatorConfig
     config: Eagle3SpeculatorConfig
+    #: ``speculators_config.algorithm`` of the drafts :meth:`from_verifier` builds.
+    algorithm_name = "eagle3"
     verifier_parts_description = "the frozen verifier parts (final norm, LM-head rows)"
     # transformers declares these on PreTrainedModel and reads them from the class.
     _keys_to_ignore_on_save = ["verifier_lm_head.weight", "verifier_norm.weight"]  # noqa: RUF012
@@ -455,6 +457,35 @@ class Eagle3DraftModel(HiddenStateDraftModel):
         document_ids: torch.Tensor,  # [B, T], -1 on padding
     ) -> TrainingStepOutput:
         """The training step: align, add noise (training mode), TTT forward, per-step loss."""
+        aux, last, input_ids, position_ids, document_ids, loss_mask = self._training_inputs(
+            input_ids, hidden_states, loss_mask, position_ids, document_ids
+        )
+        # Logits and targets only where the loss or the metrics read them (see TTTLossPlan).
+        plan = plan_ttt_loss(document_ids, loss_mask, self.ttt_steps)
+        targets = self.verifier_logits(last.flatten(0, 1)[plan.target_rows])  # [U, Vd]
+        step_logits = self.ttt_forward(
+            aux, input_ids, document_ids, position_ids, logit_rows=plan.rows
+        )
+        return ttt_loss_rows(
+            plan,
+            step_logits,
+            targets,
+            step_loss_decay=self.ttt_step_loss_decay,
+            objective=self.objective,
+        )
+
+    def _training_inputs(
+        self,
+        input_ids: torch.Tensor,
+        hidden_states: torch.Tensor,
+        loss_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        document_ids: torch.Tensor,
+    ) -> tuple[torch.Tensor, ...]:
+        """A training batch aligned (index ``t``: token ``x_{t+1}``, aux states of ``t``, target
+        state of ``t + 1``), noised in training mode and cut to its used length:
+        ``(aux [B, T, n*Ht], last [B, T, Ht], input_ids, position_ids, document_ids,
+        loss_mask)``."""
         expected = self.config.num_aux_states + 1
         if hidden_states.dim() != 4 or hidden_states.shape[2] != expected:
             raise SpeculatorsError(
@@ -480,19 +511,7 @@ class Eagle3DraftModel(HiddenStateDraftModel):
             aux, last = aux[:, :length], last[:, :length]
             input_ids, position_ids = input_ids[:, :length], position_ids[:, :length]
             document_ids, loss_mask = document_ids[:, :length], loss_mask[:, :length]
-        # Logits and targets only where the loss or the metrics read them (see TTTLossPlan).
-        plan = plan_ttt_loss(document_ids, loss_mask, self.ttt_steps)
-        targets = self.verifier_logits(last.flatten(0, 1)[plan.target_rows])  # [U, Vd]
-        step_logits = self.ttt_forward(
-            aux, input_ids, document_ids, position_ids, logit_rows=plan.rows
-        )
-        return ttt_loss_rows(
-            plan,
-            step_logits,
-            targets,
-            step_loss_decay=self.ttt_step_loss_decay,
-            objective=self.objective,
-        )
+        return aux, last, input_ids, position_ids, document_ids, loss_mask
 
     def draft_session(self, *, batch_size: int = 1) -> Eagle3DraftSession:
         """A :class:`~speculators_eagle3.drafting.Eagle3DraftSession` for the reference decoder."""
@@ -596,6 +615,7 @@ class Eagle3DraftModel(HiddenStateDraftModel):
         verifier_name_or_path: str | None = None,
         attn_implementation: str = "auto",
         init_from: str | os.PathLike[str] | None = None,
+        _config_fields: Mapping[str, Any] | None = None,
         **unknown: Any,
     ) -> Eagle3DraftModel:
         """A fresh EAGLE-3 draft for the verifier in folder ``verifier``.
@@ -659,7 +679,7 @@ class Eagle3DraftModel(HiddenStateDraftModel):
 
         layer_fields = draft_layer_fields(vconfig, model_type=layer_type, num_layers=num_layers)
         tokens = ttt_steps if speculative_tokens is None else speculative_tokens
-        config = Eagle3SpeculatorConfig(
+        config = cls.config_class(
             transformer_layer_config=layer_fields,
             draft_vocab_size=draft_vocab,
             norm_before_residual=norm_before_residual,
@@ -669,8 +689,9 @@ class Eagle3DraftModel(HiddenStateDraftModel):
             fc_norm=fc_norm,
             norm_output=norm_output,
             embed_requires_grad=embed_requires_grad,
+            **(_config_fields or {}),
             speculators_config=SpeculatorsConfig(
-                algorithm="eagle3",
+                algorithm=cls.algorithm_name,
                 proposal_methods=[GreedyTokenProposalConfig(speculative_tokens=tokens)],
                 default_proposal_method="greedy",
                 verifier=VerifierConfig.from_pretrained(
@@ -696,7 +717,7 @@ class Eagle3DraftModel(HiddenStateDraftModel):
         return model
 
     #: Config fields that define the draft's weights: an ``init_from`` folder must match them.
-    _ARCHITECTURE_FIELDS = (
+    _ARCHITECTURE_FIELDS: tuple[str, ...] = (
         "draft_vocab_size",
         "norm_before_residual",
         "norm_before_fc",

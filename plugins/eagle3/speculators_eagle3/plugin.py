@@ -1,4 +1,10 @@
-"""Registers the EAGLE-3 algorithm with speculators-core (entry point ``speculators.algorithms:eagle3``)."""
+"""Registers EAGLE-3 and P-EAGLE with speculators-core (entry point ``speculators.algorithms:eagle3``).
+
+P-EAGLE ships here rather than as its own distribution: it is the EAGLE-3 model with one more
+tensor and another training objective, its tensors and config are EAGLE-3's plus two fields,
+vLLM serves it with its EAGLE-3 classes, and its check rules are EAGLE-3's plus three; a second
+package would only duplicate (or depend on) all of this one.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +14,16 @@ from speculators_core import Algorithm, TrainingOption, VllmServing, hookimpl
 from speculators_core.modeling import ATTENTION_IMPLEMENTATIONS
 from speculators_core.objectives import objective_spec
 from speculators_core.options import int_list, python_value
-from speculators_eagle3.config import DRAFT_LAYER_TYPES, Eagle3SpeculatorConfig
-from speculators_eagle3.lint import lint_eagle3
+from speculators_eagle3.config import (
+    DRAFT_LAYER_TYPES,
+    Eagle3SpeculatorConfig,
+    PEagleSpeculatorConfig,
+)
+from speculators_eagle3.lint import lint_eagle3, lint_peagle
 from speculators_eagle3.model import Eagle3DraftModel
+from speculators_eagle3.peagle import PEagleDraftModel
 
-__all__ = ["TRAINING_OPTIONS", "speculators_register_algorithms"]
+__all__ = ["PEAGLE_TRAINING_OPTIONS", "TRAINING_OPTIONS", "speculators_register_algorithms"]
 
 #: The keyword options of :meth:`Eagle3DraftModel.from_verifier`, defaults included (a test
 #: checks that the two agree).
@@ -93,6 +104,53 @@ TRAINING_OPTIONS: tuple[TrainingOption, ...] = (
 )
 
 
+#: EAGLE-3 options a P-EAGLE draft does not take: it trains every depth at once (no TTT steps),
+#: feeds no state back (no ``norm_output``), and vLLM ignores ``fc_norm`` for it.
+_NOT_PEAGLE = frozenset({"ttt_steps", "ttt_step_loss_decay", "norm_output", "fc_norm"})
+
+#: The keyword options of :meth:`PEagleDraftModel.from_verifier`, defaults included.
+PEAGLE_TRAINING_OPTIONS: tuple[TrainingOption, ...] = (
+    *(
+        TrainingOption(
+            "embed_requires_grad",
+            bool,
+            True,
+            "Train the embedding (the mask token's row above all).",
+        )
+        if option.name == "embed_requires_grad"
+        else TrainingOption(
+            "speculative_tokens",
+            int,
+            None,
+            "Draft tokens per round the greedy proposal records (vLLM's "
+            "num_speculative_tokens); unset: num_depths.",
+        )
+        if option.name == "speculative_tokens"
+        else option
+        for option in TRAINING_OPTIONS
+        if option.name not in _NOT_PEAGLE
+    ),
+    TrainingOption(
+        "num_depths", int, 8, "Tokens drafted per forward in training (depths 0..num_depths-1)."
+    ),
+    TrainingOption("max_anchors", int, 512, "COD sampling: anchors per row at most (0: no limit)."),
+    TrainingOption(
+        "down_sample_ratio",
+        float,
+        0.7,
+        "COD sampling: depth d keeps about ratio**d of the anchors.",
+    ),
+    TrainingOption("down_sample_ratio_min", float, 0.2, "COD sampling: the floor of ratio**d."),
+    TrainingOption(
+        "mask_token_id",
+        int,
+        None,
+        "Token of the mask slots (unset: the tokenizer's mask token, else the first unused "
+        "embedding row, else pad/eos/unk).",
+    ),
+)
+
+
 @hookimpl
 def speculators_register_algorithms() -> Sequence[Algorithm]:
     """The ``eagle3`` algorithm: classes, training options, check rules, vLLM serving."""
@@ -106,5 +164,16 @@ def speculators_register_algorithms() -> Sequence[Algorithm]:
             lint=lint_eagle3,
             # vLLM reads speculators-format eagle3 folders itself (FORMAT.md 2.1).
             vllm=VllmServing(method="eagle3"),
-        )
+        ),
+        Algorithm(
+            name="peagle",
+            config_class=PEagleSpeculatorConfig,
+            model_class=PEagleDraftModel,
+            description="P-EAGLE: EAGLE-3 drafting all k tokens in one forward through mask slots",
+            training_options=PEAGLE_TRAINING_OPTIONS,
+            lint=lint_peagle,
+            # vLLM 0.32 reads "peagle" folders as eagle3 with parallel drafting
+            # (FORMAT-PARALLEL.md 1.2); on the explicit path it must be asked for.
+            vllm=VllmServing(method="eagle3", speculative_config={"parallel_drafting": True}),
+        ),
     ]
