@@ -128,10 +128,16 @@ def check_served_report(
 
 
 def fit_tiny_draft(
-    root: Path, questions: list[str], new_tokens: int, *, speculative_tokens: int
+    root: Path,
+    questions: list[str],
+    new_tokens: int,
+    *,
+    speculative_tokens: int,
+    algorithm: str = "eagle3",
+    steps: int = 60,
 ) -> dict[str, Any]:
-    """A tiny verifier vLLM for CPU serves and an EAGLE-3 draft fitted to its own greedy
-    continuations of ``questions`` (so vLLM must accept the draft's tokens), saved in
+    """A tiny verifier vLLM for CPU serves and a draft (``eagle3`` or ``peagle``) fitted to its
+    own greedy continuations of ``questions`` (so vLLM must accept the draft's tokens), saved in
     ``root/draft``. Returns the verifier folder, the draft folder, the loaded verifier model,
     its tokenizer, the prompts, the continuations and the fit's history."""
     import pytest
@@ -149,21 +155,26 @@ def fit_tiny_draft(
     model, tokenizer, prompts, greedy = greedy_continuations(verifier, questions, new_tokens)
     counts = Counter(t for p, g in zip(prompts, greedy) for t in p + g)
     torch.manual_seed(0)  # the draft's initial weights
-    draft = eagle3.Eagle3DraftModel.from_verifier(
-        verifier,
-        aux_layer_ids=[1, 2, 3],
-        draft_vocab_size=128,  # < 259: vLLM must apply d2t
-        token_counts=dict(counts),
-        ttt_steps=2,
-        noise_std=0.0,
-        speculative_tokens=speculative_tokens,
-    )
+    common: dict[str, Any] = {
+        "aux_layer_ids": [1, 2, 3],
+        "draft_vocab_size": 128,  # < 259: vLLM must apply d2t
+        "token_counts": dict(counts),
+        "noise_std": 0.0,
+        "speculative_tokens": speculative_tokens,
+    }
+    if algorithm == "peagle":
+        # every supervised anchor at every depth: the fit sees each chain it will be asked for
+        draft = eagle3.PEagleDraftModel.from_verifier(
+            verifier, num_depths=speculative_tokens, max_anchors=0, **common
+        )
+    else:
+        draft = eagle3.Eagle3DraftModel.from_verifier(verifier, ttt_steps=2, **common)
     history = fit_draft(
         draft,
         model,
         [p + g for p, g in zip(prompts, greedy)],
         [len(p) for p in prompts],
-        steps=60,
+        steps=steps,
         lr=1e-2,
     )
     draft.save_pretrained(root / "draft")
@@ -176,3 +187,21 @@ def fit_tiny_draft(
         "greedy": greedy,
         "history": history,
     }
+
+
+def assert_acceptance_agrees(vllm: Any, reference: Any) -> None:
+    """Tolerance: mean acceptance length within 0.1, accepted counts per position within 10% (+3).
+
+    Both decoders are greedy over identical outputs, so the accepted counts can only differ
+    where the two implementations of the draft disagree on an argmax near a tie, and the
+    number of rounds by how each engine counts the last round of a sequence.
+    """
+    assert abs(vllm.mean_acceptance_length - reference.mean_acceptance_length) <= 0.1, (
+        vllm.to_json(),
+        reference.to_json(),
+    )
+    for got, want in zip(vllm.accepted_per_position, reference.accepted_per_position):
+        assert abs(got - want) <= max(3, 0.1 * want), (
+            vllm.accepted_per_position,
+            reference.accepted_per_position,
+        )
