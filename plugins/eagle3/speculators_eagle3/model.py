@@ -147,6 +147,9 @@ class Eagle3DraftModel(HiddenStateDraftModel):
     config: Eagle3SpeculatorConfig
     #: ``speculators_config.algorithm`` of the drafts :meth:`from_verifier` builds.
     algorithm_name = "eagle3"
+    #: Whether a config with sliding-window layers loads (run with full attention) instead of
+    #: being refused.
+    _runs_windows_in_full = False
     verifier_parts_description = "the frozen verifier parts (final norm, LM-head rows)"
     # transformers declares these on PreTrainedModel and reads them from the class.
     _keys_to_ignore_on_save = ["verifier_lm_head.weight", "verifier_norm.weight"]  # noqa: RUF012
@@ -174,7 +177,7 @@ class Eagle3DraftModel(HiddenStateDraftModel):
         vocab, draft_vocab = config.verifier_vocab_size, config.draft_vocab_size
         if layer_config.model_type not in DRAFT_LAYER_TYPES:  # pragma: no cover - config checks
             raise ConfigError(f"unsupported draft layer type '{layer_config.model_type}'")
-        if getattr(layer_config, "use_sliding_window", False):
+        if getattr(layer_config, "use_sliding_window", False) and not self._runs_windows_in_full:
             raise ConfigError(
                 "config: transformer_layer_config.use_sliding_window is true; sliding-window "
                 "EAGLE-3 drafts are not supported, set it to false"

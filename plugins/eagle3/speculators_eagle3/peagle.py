@@ -29,6 +29,7 @@ Training (upstream 0.9.0's objective, FORMAT-PARALLEL.md 2.4), on the aligned ro
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -42,6 +43,8 @@ from speculators_core.objectives import TargetDistribution
 from speculators_eagle3.config import PEagleSpeculatorConfig
 from speculators_eagle3.drafting import Eagle3DraftSession
 from speculators_eagle3.model import Eagle3DraftModel
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "PEagleDraftModel",
@@ -138,6 +141,15 @@ def resolve_mask_token_id(verifier: str | os.PathLike[str], vocab_size: int) -> 
     )
 
 
+def _sliding_window(config: PEagleSpeculatorConfig) -> int | None:
+    """The window of the draft's sliding-window layers, or None when it has none."""
+    layer = config.layer_config
+    types = getattr(layer, "layer_types", None) or []
+    sliding = getattr(layer, "use_sliding_window", False) or "sliding_attention" in types
+    window = getattr(layer, "sliding_window", None)
+    return int(window) if sliding and window else None
+
+
 class PEagleDraftModel(Eagle3DraftModel):
     """A P-EAGLE draft: :class:`~speculators_eagle3.model.Eagle3DraftModel` plus ``mask_hidden``.
 
@@ -149,10 +161,20 @@ class PEagleDraftModel(Eagle3DraftModel):
     config_class = PEagleSpeculatorConfig
     config: PEagleSpeculatorConfig
     algorithm_name = "peagle"
+    # Upstream's trainer marks every P-EAGLE layer sliding-window (2048) by default; such
+    # drafts load and run with full attention here, the same on contexts shorter than the window.
+    _runs_windows_in_full = True
     _ARCHITECTURE_FIELDS = (*Eagle3DraftModel._ARCHITECTURE_FIELDS, "mask_token_id")
 
     def __init__(self, config: PEagleSpeculatorConfig) -> None:
         super().__init__(config)
+        window = _sliding_window(config)
+        if window is not None:
+            logger.warning(
+                "this P-EAGLE draft's layers use a %d-token sliding window; they run with full "
+                "attention here (the same on contexts shorter than the window; vLLM applies it)",
+                window,
+            )
         width = config.num_aux_states * config.aux_hidden_size
         # The feature of every mask slot, before fc (and its input norm, if any).
         self.mask_hidden = nn.Parameter(torch.randn(1, 1, width))
