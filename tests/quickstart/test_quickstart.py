@@ -258,3 +258,20 @@ def test_two_pass_route_regenerates_then_captures(workdir, tmp_path):
     assert [store[i]["input_ids"].tolist() for i in range(6)] == [
         prepared[i]["input_ids"].tolist() for i in range(6)
     ]
+
+
+def test_the_quickstart_makes_a_peagle_draft(workdir, tmp_path):
+    """``--algorithm peagle``: the same stages make a P-EAGLE draft (mask token recorded, k
+    tokens drafted per forward) that the reference decoder measures."""
+    out = tmp_path / "peagle"
+    args = _args(workdir, out, "--algorithm", "peagle", "--algo-opt", "num_depths=3")
+    args[args.index("--samples") + 1] = "6"
+    result = run_cli(args, env={"SPECULATORS_STRICT_PLUGINS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    config = json.loads((out / "speculator" / "config.json").read_text())
+    assert config["speculators_model_type"] == "peagle"
+    assert isinstance(config["mask_token_id"], int)
+    report = json.loads((out / "report.json").read_text())
+    assert report["settings"]["algorithm"] == "peagle"
+    assert report["settings"]["algo_options"]["num_depths"] == 3
+    assert report["measured_by"] == "reference" and report["mean_acceptance_length"] >= 1.0
