@@ -2,7 +2,8 @@
 
 1. vLLM generates greedy answers of SmolLM2 alone to four chat prompts (engine 1).
 2. An EAGLE-3 draft is built from SmolLM2 by this project and trained for 40 steps on those
-   answers (hidden states captured with the transformers backend), then saved.
+   answers (hidden states captured with the transformers backend), then saved; so is a P-EAGLE
+   draft (all k tokens in one draft forward).
 3. vLLM serves SmolLM2 with the draft on the same prompts (engine 2): the output must be
    identical to step 1, the acceptance counters are read from vLLM's metrics, and the
    reference decoder's acceptance on the same prompts must agree within the stated tolerance.
@@ -74,6 +75,24 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     folder = tmp_path_factory.mktemp("smollm2-eagle3") / "draft"
     draft.save_pretrained(folder)
     speculative = run_vllm(verifier, folder, prompts, **options)
+
+    # The same for a P-EAGLE draft: k tokens per draft forward, served with parallel drafting.
+    torch.manual_seed(0)
+    parallel_draft = eagle3.PEagleDraftModel.from_verifier(
+        verifier,
+        aux_layer_ids=[2, 15, 27],
+        draft_vocab_size=4096,
+        token_counts=dict(Counter(t for s in sequences for t in s)),
+        num_depths=K,
+        max_anchors=0,  # every supervised anchor: the fit sees each chain it is asked for
+        noise_std=0.0,
+    )
+    parallel_history = fit_draft(
+        parallel_draft, model, sequences, [len(p) for p in prompts], steps=40, lr=1e-3
+    )
+    parallel_folder = folder.parent / "peagle"
+    parallel_draft.save_pretrained(parallel_folder)
+    parallel = run_vllm(verifier, parallel_folder, prompts, **options)
     return {
         "verifier": verifier,
         "tokenizer": tokenizer,
@@ -83,6 +102,9 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict:
         "history": history,
         "baseline": baseline,
         "speculative": speculative,
+        "parallel_folder": parallel_folder,
+        "parallel_history": parallel_history,
+        "parallel": parallel,
     }
 
 
@@ -148,6 +170,32 @@ def test_reference_decoder_agrees_with_vllm(run):
     detail = (vllm.to_json() | {"outputs": None}, total.to_json(), f"{same}/4 identical outputs")
     assert abs(vllm.mean_acceptance_length - total.mean_acceptance_length) <= 0.15, detail
     for got, want in zip(vllm.accepted_per_position, total.accepted_per_position):
+        assert abs(got - want) <= max(3, 0.1 * want), detail
+
+
+def test_a_peagle_draft_on_smollm2_is_lossless_accepted_and_agrees(run):
+    """The P-EAGLE draft: clean check, vLLM's output identical to SmolLM2 alone with parallel
+    drafting, accepted, and the reference decoder's one-forward session agrees with vLLM."""
+    from speculators_core import load_speculator
+    from speculators_core.evaluate.reference import DecodeStats, ReferenceDecoder
+
+    report = check_checkpoint(run["parallel_folder"], host=PluginHost())
+    assert report.findings == [], [str(f) for f in report.findings]
+    parallel: VllmResult = run["parallel"]
+    assert parallel.outputs == run["baseline"].outputs
+    assert parallel.num_draft_tokens == K * parallel.num_drafts
+    assert parallel.per_position_acceptance[0] > 0.5, parallel.to_json()
+    assert parallel.mean_acceptance_length > 1.5, parallel.to_json()
+
+    draft = load_speculator(run["parallel_folder"], verifier=run["verifier"]).eval()
+    eos = [run["tokenizer"].eos_token_id]
+    decoder = ReferenceDecoder(run["model"], draft, k=K, eos_token_ids=eos)
+    total = DecodeStats(k=K)
+    for prompt in run["prompts"]:
+        total.merge(decoder.generate(prompt, max_new_tokens=NEW_TOKENS).stats)
+    detail = (parallel.to_json() | {"outputs": None}, total.to_json())
+    assert abs(parallel.mean_acceptance_length - total.mean_acceptance_length) <= 0.15, detail
+    for got, want in zip(parallel.accepted_per_position, total.accepted_per_position):
         assert abs(got - want) <= max(3, 0.1 * want), detail
 
 

@@ -153,3 +153,39 @@ def test_speculators_train_peagle_on_the_same_store(eagle3_host, eagle3_store, t
     model = load_speculator(out / "final", host=eagle3_host, verifier=verifier)
     assert type(model) is PEagleDraftModel
     assert check_checkpoint(out / "final", host=eagle3_host).findings == []
+
+
+def test_speculators_train_dflash_on_the_same_store(eagle3_store, tmp_path):
+    """The CLI trains a DFlash draft from the same store (the same verifier states, unshifted)
+    and writes a folder that loads as DFlash and passes its check rules."""
+    dflash = pytest.importorskip("speculators_dflash")
+    from speculators_dflash import plugin as dflash_plugin
+
+    from speculators_core.check import check_checkpoint
+
+    host = PluginHost(
+        PluginSettings(),
+        entry_points=False,
+        plugins=[("speculators.algorithms:dflash", dflash_plugin)],
+    )
+    verifier, store = eagle3_store
+    out = tmp_path / "run"
+    args = [
+        "--algorithm", "dflash", "--verifier", verifier, "--data", store, "--output", out,
+        "--draft-vocab-size", "64", "--algo-opt", "block_size=4", "--algo-opt", "max_anchors=16",
+        "--seq-len", "256", "--max-steps", "4", "--log-every", "1", "--learning-rate", "1e-3",
+        "--no-progress", "--no-console-log",
+    ]  # fmt: skip
+    result = CliRunner().invoke(train_command, [str(a) for a in args], obj=host)
+    assert result.exception is None, repr(result.exception)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if "loss" in r]
+    assert [r["step"] for r in train] == [1, 2, 3, 4]
+    assert {"loss_0", "loss_2", "full_acc_0", "est_accept_len"} <= train[0].keys()
+    assert train[-1]["loss"] < train[0]["loss"]
+    config = json.loads((out / "final" / "config.json").read_text())
+    assert config["speculators_model_type"] == "dflash" and config["block_size"] == 4
+    assert config["speculators_config"]["proposal_methods"][0]["speculative_tokens"] == 3
+    model = load_speculator(out / "final", host=host, verifier=verifier)
+    assert type(model) is dflash.DFlashDraftModel
+    assert check_checkpoint(out / "final", host=host).findings == []

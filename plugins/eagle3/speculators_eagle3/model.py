@@ -67,7 +67,7 @@ from speculators_eagle3.loss import plan_ttt_loss, ttt_loss_rows
 if TYPE_CHECKING:
     from speculators_eagle3.drafting import Eagle3DraftSession
 
-__all__ = ["Eagle3DraftModel", "default_aux_layer_ids"]
+__all__ = ["Eagle3DraftModel", "default_aux_layer_ids", "resolve_vocab_mapping"]
 
 logger = logging.getLogger(__name__)
 
@@ -677,7 +677,7 @@ class Eagle3DraftModel(HiddenStateDraftModel):
                 f"{n_layers} layers; pass aux_layer_ids explicitly"
             )
 
-        mapping = _resolve_vocab_mapping(vocab, draft_vocab_size, token_counts, d2t, t2d)
+        mapping = resolve_vocab_mapping(vocab, draft_vocab_size, token_counts, d2t, t2d)
         draft_vocab = vocab if mapping is None else int(mapping[0].shape[0])
 
         layer_fields = draft_layer_fields(vconfig, model_type=layer_type, num_layers=num_layers)
@@ -815,7 +815,7 @@ def _used_length(document_ids: torch.Tensor) -> int:
     return int(in_document[-1]) + 1 if in_document.numel() else 1
 
 
-def _resolve_vocab_mapping(
+def resolve_vocab_mapping(
     vocab: int,
     draft_vocab_size: int | None,
     token_counts: Mapping[int, int] | torch.Tensor | None,
