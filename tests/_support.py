@@ -136,7 +136,7 @@ def fit_tiny_draft(
     algorithm: str = "eagle3",
     steps: int = 60,
 ) -> dict[str, Any]:
-    """A tiny verifier vLLM for CPU serves and a draft (``eagle3`` or ``peagle``) fitted to its
+    """A tiny verifier vLLM for CPU serves and a draft (``eagle3``, ``peagle`` or ``dflash``) fitted to its
     own greedy continuations of ``questions`` (so vLLM must accept the draft's tokens), saved in
     ``root/draft``. Returns the verifier folder, the draft folder, the loaded verifier model,
     its tokenizer, the prompts, the continuations and the fit's history."""
@@ -162,7 +162,12 @@ def fit_tiny_draft(
         "noise_std": 0.0,
         "speculative_tokens": speculative_tokens,
     }
-    if algorithm == "peagle":
+    if algorithm == "dflash":
+        dflash = pytest.importorskip("speculators_dflash")
+        draft = dflash.DFlashDraftModel.from_verifier(
+            verifier, block_size=speculative_tokens + 1, max_anchors=64, **common
+        )
+    elif algorithm == "peagle":
         # every supervised anchor at every depth: the fit sees each chain it will be asked for
         draft = eagle3.PEagleDraftModel.from_verifier(
             verifier, num_depths=speculative_tokens, max_anchors=0, **common
