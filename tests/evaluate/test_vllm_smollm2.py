@@ -3,7 +3,7 @@
 1. vLLM generates greedy answers of SmolLM2 alone to four chat prompts (engine 1).
 2. An EAGLE-3 draft is built from SmolLM2 by this project and trained for 40 steps on those
    answers (hidden states captured with the transformers backend), then saved; so is a P-EAGLE
-   draft (all k tokens in one draft forward).
+   draft (all k tokens in one draft forward) and a DFlash block drafter.
 3. vLLM serves SmolLM2 with the draft on the same prompts (engine 2): the output must be
    identical to step 1, the acceptance counters are read from vLLM's metrics, and the
    reference decoder's acceptance on the same prompts must agree within the stated tolerance.
@@ -93,6 +93,22 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     parallel_folder = folder.parent / "peagle"
     parallel_draft.save_pretrained(parallel_folder)
     parallel = run_vllm(verifier, parallel_folder, prompts, **options)
+
+    # And a DFlash block drafter (plugin speculators-dflash), when installed.
+    dflash = pytest.importorskip("speculators_dflash")
+    torch.manual_seed(0)
+    block_draft = dflash.DFlashDraftModel.from_verifier(
+        verifier,
+        aux_layer_ids=[2, 15, 27],
+        draft_vocab_size=4096,
+        token_counts=dict(Counter(t for s in sequences for t in s)),
+        block_size=K + 1,
+        max_anchors=64,
+    )
+    fit_draft(block_draft, model, sequences, [len(p) for p in prompts], steps=40, lr=1e-2)
+    block_folder = folder.parent / "dflash"
+    block_draft.save_pretrained(block_folder)
+    block = run_vllm(verifier, block_folder, prompts, **options)
     return {
         "verifier": verifier,
         "tokenizer": tokenizer,
@@ -105,6 +121,8 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict:
         "parallel_folder": parallel_folder,
         "parallel_history": parallel_history,
         "parallel": parallel,
+        "block_folder": block_folder,
+        "block": block,
     }
 
 
@@ -196,6 +214,32 @@ def test_a_peagle_draft_on_smollm2_is_lossless_accepted_and_agrees(run):
     detail = (parallel.to_json() | {"outputs": None}, total.to_json())
     assert abs(parallel.mean_acceptance_length - total.mean_acceptance_length) <= 0.15, detail
     for got, want in zip(parallel.accepted_per_position, total.accepted_per_position):
+        assert abs(got - want) <= max(3, 0.1 * want), detail
+
+
+def test_a_dflash_draft_on_smollm2_is_lossless_and_agrees(run):
+    """The DFlash draft (40 fitting steps: DFlash learns slowly, so its acceptance here is low
+    and only has to be non-zero): clean check, vLLM's output identical to SmolLM2 alone, and
+    the reference decoder's block session accepts what vLLM accepts."""
+    from speculators_core import load_speculator
+    from speculators_core.evaluate.reference import DecodeStats, ReferenceDecoder
+
+    report = check_checkpoint(run["block_folder"], host=PluginHost())
+    assert report.findings == [], [str(f) for f in report.findings]
+    block: VllmResult = run["block"]
+    assert block.outputs == run["baseline"].outputs
+    assert block.num_draft_tokens == K * block.num_drafts
+    assert block.num_accepted_tokens > 0, block.to_json()  # a random draft: 0
+
+    draft = load_speculator(run["block_folder"], verifier=run["verifier"]).eval()
+    eos = [run["tokenizer"].eos_token_id]
+    decoder = ReferenceDecoder(run["model"], draft, k=K, eos_token_ids=eos)
+    total = DecodeStats(k=K)
+    for prompt in run["prompts"]:
+        total.merge(decoder.generate(prompt, max_new_tokens=NEW_TOKENS).stats)
+    detail = (block.to_json() | {"outputs": None}, total.to_json())
+    assert abs(block.mean_acceptance_length - total.mean_acceptance_length) <= 0.15, detail
+    for got, want in zip(block.accepted_per_position, total.accepted_per_position):
         assert abs(got - want) <= max(3, 0.1 * want), detail
 
 

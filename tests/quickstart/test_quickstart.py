@@ -275,3 +275,21 @@ def test_the_quickstart_makes_a_peagle_draft(workdir, tmp_path):
     assert report["settings"]["algorithm"] == "peagle"
     assert report["settings"]["algo_options"]["num_depths"] == 3
     assert report["measured_by"] == "reference" and report["mean_acceptance_length"] >= 1.0
+
+
+def test_the_quickstart_makes_a_dflash_draft(workdir, tmp_path):
+    """``--algorithm dflash`` (another plugin distribution): the same stages, unshifted data."""
+    pytest.importorskip("speculators_dflash")
+    out = tmp_path / "dflash"
+    args = _args(
+        workdir, out, "--algorithm", "dflash", "--algo-opt", "block_size=4",
+        "--algo-opt", "max_anchors=16",
+    )  # fmt: skip
+    args[args.index("--samples") + 1] = "6"
+    result = run_cli(args, env={"SPECULATORS_STRICT_PLUGINS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    config = json.loads((out / "speculator" / "config.json").read_text())
+    assert config["speculators_model_type"] == "dflash" and config["block_size"] == 4
+    report = json.loads((out / "report.json").read_text())
+    assert report["settings"]["algorithm"] == "dflash"
+    assert report["measured_by"] == "reference" and report["mean_acceptance_length"] >= 1.0
