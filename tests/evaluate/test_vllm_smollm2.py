@@ -172,19 +172,24 @@ def test_reference_decoder_agrees_with_vllm(run):
     two implementations disagree on a near-tied argmax, or in how a sequence's last round
     (cut by the token budget or EOS) is counted.
     """
+    assert_reference_agrees(run, run["folder"], run["speculative"])
+
+
+def assert_reference_agrees(run: dict, folder, vllm: VllmResult) -> None:
+    """The reference decoder with the draft in ``folder`` on the same prompts accepts what vLLM
+    accepted (the tolerance of :func:`test_reference_decoder_agrees_with_vllm`)."""
     from speculators_core import load_speculator
     from speculators_core.evaluate.reference import DecodeStats, ReferenceDecoder
 
-    draft = load_speculator(run["folder"], verifier=run["verifier"]).eval()
+    draft = load_speculator(folder, verifier=run["verifier"]).eval()
     eos = [run["tokenizer"].eos_token_id]
     decoder = ReferenceDecoder(run["model"], draft, k=K, eos_token_ids=eos)
     total = DecodeStats(k=K)
     same = 0
-    for prompt, vllm_out in zip(run["prompts"], run["speculative"].outputs):
+    for prompt, vllm_out in zip(run["prompts"], vllm.outputs):
         result = decoder.generate(prompt, max_new_tokens=NEW_TOKENS)
         total.merge(result.stats)
         same += result.tokens == vllm_out
-    vllm: VllmResult = run["speculative"]
     detail = (vllm.to_json() | {"outputs": None}, total.to_json(), f"{same}/4 identical outputs")
     assert abs(vllm.mean_acceptance_length - total.mean_acceptance_length) <= 0.15, detail
     for got, want in zip(vllm.accepted_per_position, total.accepted_per_position):
@@ -194,9 +199,6 @@ def test_reference_decoder_agrees_with_vllm(run):
 def test_a_peagle_draft_on_smollm2_is_lossless_accepted_and_agrees(run):
     """The P-EAGLE draft: clean check, vLLM's output identical to SmolLM2 alone with parallel
     drafting, accepted, and the reference decoder's one-forward session agrees with vLLM."""
-    from speculators_core import load_speculator
-    from speculators_core.evaluate.reference import DecodeStats, ReferenceDecoder
-
     report = check_checkpoint(run["parallel_folder"], host=PluginHost())
     assert report.findings == [], [str(f) for f in report.findings]
     parallel: VllmResult = run["parallel"]
@@ -205,25 +207,13 @@ def test_a_peagle_draft_on_smollm2_is_lossless_accepted_and_agrees(run):
     assert parallel.per_position_acceptance[0] > 0.5, parallel.to_json()
     assert parallel.mean_acceptance_length > 1.5, parallel.to_json()
 
-    draft = load_speculator(run["parallel_folder"], verifier=run["verifier"]).eval()
-    eos = [run["tokenizer"].eos_token_id]
-    decoder = ReferenceDecoder(run["model"], draft, k=K, eos_token_ids=eos)
-    total = DecodeStats(k=K)
-    for prompt in run["prompts"]:
-        total.merge(decoder.generate(prompt, max_new_tokens=NEW_TOKENS).stats)
-    detail = (parallel.to_json() | {"outputs": None}, total.to_json())
-    assert abs(parallel.mean_acceptance_length - total.mean_acceptance_length) <= 0.15, detail
-    for got, want in zip(parallel.accepted_per_position, total.accepted_per_position):
-        assert abs(got - want) <= max(3, 0.1 * want), detail
+    assert_reference_agrees(run, run["parallel_folder"], parallel)
 
 
 def test_a_dflash_draft_on_smollm2_is_lossless_and_agrees(run):
     """The DFlash draft (40 fitting steps: DFlash learns slowly, so its acceptance here is low
     and only has to be non-zero): clean check, vLLM's output identical to SmolLM2 alone, and
     the reference decoder's block session accepts what vLLM accepts."""
-    from speculators_core import load_speculator
-    from speculators_core.evaluate.reference import DecodeStats, ReferenceDecoder
-
     report = check_checkpoint(run["block_folder"], host=PluginHost())
     assert report.findings == [], [str(f) for f in report.findings]
     block: VllmResult = run["block"]
@@ -231,16 +221,7 @@ def test_a_dflash_draft_on_smollm2_is_lossless_and_agrees(run):
     assert block.num_draft_tokens == K * block.num_drafts
     assert block.num_accepted_tokens > 0, block.to_json()  # a random draft: 0
 
-    draft = load_speculator(run["block_folder"], verifier=run["verifier"]).eval()
-    eos = [run["tokenizer"].eos_token_id]
-    decoder = ReferenceDecoder(run["model"], draft, k=K, eos_token_ids=eos)
-    total = DecodeStats(k=K)
-    for prompt in run["prompts"]:
-        total.merge(decoder.generate(prompt, max_new_tokens=NEW_TOKENS).stats)
-    detail = (block.to_json() | {"outputs": None}, total.to_json())
-    assert abs(block.mean_acceptance_length - total.mean_acceptance_length) <= 0.15, detail
-    for got, want in zip(block.accepted_per_position, total.accepted_per_position):
-        assert abs(got - want) <= max(3, 0.1 * want), detail
+    assert_reference_agrees(run, run["block_folder"], block)
 
 
 def test_the_server_route_on_smollm2(run, tmp_path):
