@@ -20,7 +20,7 @@ Goal (stated, not asserted): the best algorithm and k from the quickstart's budg
 
     .venv/bin/python benchmarks/bench_algorithms.py --run quickstart-output \
         [--train-seconds 600] [--algorithms eagle3,peagle,dflash] [--k-values 1,3,7] \
-        [--num-prompts 8] [--max-new-tokens 96] [--work DIR] [--json OUT]
+        [--num-prompts 8] [--max-new-tokens 96] [--work DIR [--reuse]] [--json OUT]
 """
 
 from __future__ import annotations
@@ -81,8 +81,21 @@ def train(name: str, run: Path, out: Path, steps: int) -> tuple[float, int] | st
     return seconds, steps
 
 
-def train_for(name: str, run: Path, work: Path, budget: float) -> dict[str, Any]:
-    """Probe the seconds per step, then train for ``budget`` seconds' worth of steps."""
+def train_for(name: str, run: Path, work: Path, budget: float, reuse: bool) -> dict[str, Any]:
+    """Probe the seconds per step, then train for ``budget`` seconds' worth of steps (with
+    ``reuse``, a finished ``run-NAME`` in ``work`` is measured as it is)."""
+    final = work / f"run-{name}" / "final"
+    if reuse and final.is_dir():
+        records = [
+            json.loads(line) for line in (final.parent / "metrics.jsonl").read_text().splitlines()
+        ]
+        timed = [r for r in records if "train_seconds" in r]
+        return {
+            "name": name,
+            "final": final,
+            "steps": int(timed[-1]["step"]),
+            "train_seconds": float(timed[-1]["train_seconds"]),
+        }
     probe = train(name, run, work / f"probe-{name}", PROBE_STEPS)
     if isinstance(probe, str):
         return {"name": name, "error": probe}
@@ -109,6 +122,9 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: temp)")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    parser.add_argument(
+        "--reuse", action="store_true", help="measure finished runs in --work instead of training"
+    )
     args = parser.parse_args()
 
     from transformers import AutoTokenizer
@@ -134,7 +150,7 @@ def main() -> None:
     try:
         trained = []
         for name in names:
-            row = train_for(name, run, work, args.train_seconds)
+            row = train_for(name, run, work, args.train_seconds, args.reuse)
             loads.append(os.getloadavg()[0])
             shown = row.get("error") or f"{row['steps']} steps, {row['train_seconds']:.0f} s"
             print(f"[{name}] {shown}", file=sys.stderr, flush=True)
@@ -143,6 +159,7 @@ def main() -> None:
         tokenizer = AutoTokenizer.from_pretrained(verifier)
         texts = load_prompt_texts("sharegpt-heldout", args.num_prompts)
         prompts = render_prompts(texts, tokenizer, max_prompt_tokens=1024)
+        (work / "logs").mkdir(exist_ok=True)
         common: dict[str, Any] = {"max_tokens": args.max_new_tokens, "log_dir": work / "logs"}
         started = time.perf_counter()
         first_draft = next((r["final"] for r in trained if "final" in r), None)
