@@ -32,7 +32,12 @@ from collections.abc import Mapping
 from typing import Any, cast
 
 import torch
-from speculators_eagle3.model import default_aux_layer_ids, resolve_vocab_mapping
+from speculators_eagle3.model import (
+    DraftVocabularyMixin,
+    aux_state_spec,
+    default_aux_layer_ids,
+    resolve_vocab_mapping,
+)
 from speculators_eagle3.peagle import resolve_mask_token_id
 from torch import nn
 from transformers.models.qwen3.modeling_qwen3 import Qwen3RotaryEmbedding
@@ -161,7 +166,8 @@ def position_weights(
         return suffix * mask
 
 
-class DFlashDraftModel(HiddenStateDraftModel):
+# ignore: the mixin's save_pretrained keeps the narrower signature the override always had
+class DFlashDraftModel(DraftVocabularyMixin, HiddenStateDraftModel):  # type: ignore[misc]
     """A DFlash block drafter (see the module doc).
 
     Build one with :meth:`from_verifier`; ``save_pretrained`` writes the speculators ``dflash``
@@ -396,9 +402,7 @@ class DFlashDraftModel(HiddenStateDraftModel):
         )
         self._sync_t2d()
         device, dtype = self.fc.weight.device, self.fc.weight.dtype
-        rows = parts.lm_head.to(device)
-        if self.d2t is not None:
-            rows = rows[self.draft_to_target_ids().to(device)]
+        rows = self._draft_rows(parts.lm_head.to(device))
         self.verifier_lm_head.weight.copy_(rows.to(dtype))
         self.verifier_norm.weight.copy_(parts.final_norm.to(device=device, dtype=dtype))
         self.verifier_norm.eps = float(getattr(verifier_config, "rms_norm_eps", self.norm.eps))
@@ -409,26 +413,6 @@ class DFlashDraftModel(HiddenStateDraftModel):
         self.verifier_num_layers = int(verifier_config.num_hidden_layers)
         self.verifier_parts_attached = True
         self.freeze_verifier_parts()
-
-    # ------------------------------------------------------------------ vocabulary
-
-    def draft_to_target_ids(self) -> torch.Tensor:
-        """Verifier ids of draft ids ``0..Vd-1``."""
-        ids = torch.arange(self.config.draft_vocab_size, device=self.lm_head.weight.device)
-        return ids if self.d2t is None else ids + self.d2t
-
-    def _sync_t2d(self) -> None:
-        if self.d2t is None or self.t2d is None:
-            return
-        t2d = torch.zeros_like(self.t2d)
-        t2d[self.draft_to_target_ids().to(t2d.device)] = True
-        self.t2d.copy_(t2d)
-
-    def save_pretrained(self, save_directory: str | os.PathLike[str], **kwargs: Any) -> None:  # type: ignore[override]
-        """Write the speculators ``dflash`` format (``t2d`` re-derived from ``d2t`` first)."""
-        with torch.no_grad():
-            self._sync_t2d()
-        super().save_pretrained(save_directory, **kwargs)
 
     # ------------------------------------------------------------------ the forward pieces
 
@@ -472,15 +456,7 @@ class DFlashDraftModel(HiddenStateDraftModel):
         cls, verifier: str | os.PathLike[str], **options: Any
     ) -> HiddenStateSpec:
         """The aux ids (``aux_layer_ids`` or the default) and ``N``, from the verifier's config."""
-        n_layers = int(load_verifier_config(verifier).num_hidden_layers)
-        aux = options.get("aux_layer_ids")
-        ids = list(aux) if aux is not None else default_aux_layer_ids(n_layers)
-        spec = HiddenStateSpec(layer_ids=(*ids, n_layers))
-        try:
-            spec.validate(n_layers)
-        except ValueError as err:
-            raise SpeculatorsError(f"{err}; pass aux_layer_ids explicitly") from err
-        return spec
+        return aux_state_spec(verifier, options.get("aux_layer_ids"))
 
     def hidden_state_spec(self) -> HiddenStateSpec:
         """The aux ids, then ``N`` (the verifier's final pre-norm state, for the targets)."""

@@ -67,7 +67,13 @@ from speculators_eagle3.loss import plan_ttt_loss, ttt_loss_rows
 if TYPE_CHECKING:
     from speculators_eagle3.drafting import Eagle3DraftSession
 
-__all__ = ["Eagle3DraftModel", "default_aux_layer_ids", "resolve_vocab_mapping"]
+__all__ = [
+    "DraftVocabularyMixin",
+    "Eagle3DraftModel",
+    "aux_state_spec",
+    "default_aux_layer_ids",
+    "resolve_vocab_mapping",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -135,7 +141,60 @@ class Eagle3DecoderLayer(DecoderLayer):
 # ------------------------------------------------------------------------------------------------
 
 
-class Eagle3DraftModel(HiddenStateDraftModel):
+def aux_state_spec(
+    verifier: str | os.PathLike[str], aux_layer_ids: Sequence[int] | None
+) -> HiddenStateSpec:
+    """The states a fresh draft reading ``aux_layer_ids`` (default ``[2, N//2, N-3]``) and the
+    verifier's final pre-norm state needs, from the verifier's config alone (EAGLE-3, P-EAGLE,
+    DFlash)."""
+    n_layers = int(load_verifier_config(verifier).num_hidden_layers)
+    ids = list(aux_layer_ids) if aux_layer_ids is not None else default_aux_layer_ids(n_layers)
+    spec = HiddenStateSpec(layer_ids=(*ids, n_layers))
+    try:
+        spec.validate(n_layers)
+    except ValueError as err:
+        raise SpeculatorsError(f"{err}; pass aux_layer_ids explicitly") from err
+    return spec
+
+
+class DraftVocabularyMixin:
+    """A reduced draft vocabulary on a draft model: ``d2t`` offsets (``None`` for the verifier's
+    full vocabulary), ``t2d`` derived from them, and ``save_pretrained`` re-deriving ``t2d``
+    first. The model provides ``config.draft_vocab_size``, ``lm_head`` and the two buffers."""
+
+    config: Any
+    lm_head: nn.Linear
+    d2t: torch.Tensor | None
+    t2d: torch.Tensor | None
+
+    def draft_to_target_ids(self) -> torch.Tensor:
+        """Verifier ids of draft ids ``0..Vd-1``."""
+        ids = torch.arange(self.config.draft_vocab_size, device=self.lm_head.weight.device)
+        return ids if self.d2t is None else ids + self.d2t
+
+    def _draft_rows(self, full: torch.Tensor) -> torch.Tensor:
+        """Rows of a ``[V, ...]`` verifier tensor that belong to the draft vocabulary."""
+        if self.d2t is None:
+            return full
+        return full[self.draft_to_target_ids().to(full.device)]
+
+    def _sync_t2d(self) -> None:
+        # t2d is optional in files (vLLM skips it); it is always derivable from d2t.
+        if self.d2t is None or self.t2d is None:
+            return
+        t2d = torch.zeros_like(self.t2d)
+        t2d[self.draft_to_target_ids().to(t2d.device)] = True
+        self.t2d.copy_(t2d)
+
+    def save_pretrained(self, save_directory: str | os.PathLike[str], **kwargs: Any) -> None:
+        """Write the speculators format (``t2d`` re-derived from ``d2t`` first)."""
+        with torch.no_grad():
+            self._sync_t2d()
+        super().save_pretrained(save_directory, **kwargs)  # type: ignore[misc]
+
+
+# ignore: the mixin's save_pretrained keeps the narrower signature the override always had
+class Eagle3DraftModel(DraftVocabularyMixin, HiddenStateDraftModel):  # type: ignore[misc]
     """An EAGLE-3 draft (``speculators_model_type: "eagle3"``).
 
     Build one with :meth:`from_verifier`; load a saved one with
@@ -431,15 +490,7 @@ class Eagle3DraftModel(HiddenStateDraftModel):
 
         Only ``aux_layer_ids`` among the :meth:`from_verifier` options changes the spec.
         """
-        n_layers = int(load_verifier_config(verifier).num_hidden_layers)
-        aux = options.get("aux_layer_ids")
-        ids = list(aux) if aux is not None else default_aux_layer_ids(n_layers)
-        spec = HiddenStateSpec(layer_ids=(*ids, n_layers))
-        try:
-            spec.validate(n_layers)
-        except ValueError as err:
-            raise SpeculatorsError(f"{err}; pass aux_layer_ids explicitly") from err
-        return spec
+        return aux_state_spec(verifier, options.get("aux_layer_ids"))
 
     def hidden_state_spec(self) -> HiddenStateSpec:
         """The aux ids, then id ``N`` (the verifier's final pre-norm state, for the targets)."""
@@ -521,33 +572,6 @@ class Eagle3DraftModel(HiddenStateDraftModel):
         from speculators_eagle3.drafting import Eagle3DraftSession
 
         return Eagle3DraftSession(self, batch_size=batch_size)
-
-    # ------------------------------------------------------------------ vocabulary
-
-    def draft_to_target_ids(self) -> torch.Tensor:
-        """Verifier ids of draft ids ``0..Vd-1``."""
-        ids = torch.arange(self.config.draft_vocab_size, device=self.lm_head.weight.device)
-        return ids if self.d2t is None else ids + self.d2t
-
-    def _draft_rows(self, full: torch.Tensor) -> torch.Tensor:
-        """Rows of a ``[V, ...]`` verifier tensor that belong to the draft vocabulary."""
-        if self.d2t is None:
-            return full
-        return full[self.draft_to_target_ids().to(full.device)]
-
-    def _sync_t2d(self) -> None:
-        # t2d is optional in files (vLLM skips it); it is always derivable from d2t.
-        if self.d2t is None or self.t2d is None:
-            return
-        t2d = torch.zeros_like(self.t2d)
-        t2d[self.draft_to_target_ids().to(t2d.device)] = True
-        self.t2d.copy_(t2d)
-
-    def save_pretrained(self, save_directory: str | os.PathLike[str], **kwargs: Any) -> None:  # type: ignore[override]
-        """Write the speculators ``eagle3`` format (``t2d`` re-derived from ``d2t`` first)."""
-        with torch.no_grad():
-            self._sync_t2d()
-        super().save_pretrained(save_directory, **kwargs)
 
     # ------------------------------------------------------------------ verifier parts
 

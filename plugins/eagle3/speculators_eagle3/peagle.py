@@ -338,7 +338,6 @@ class PEagleDraftModel(Eagle3DraftModel):
         implementation = select_attention_implementation(self.attn_implementation, aux.device)
         if implementation == "flex":
             implementation = "sdpa"  # the element mask is dense; flex would need a block mask
-        depths_seen = self.num_depths
         logits_all: list[torch.Tensor] = []
         targets_all: list[torch.Tensor] = []
         depth_all: list[torch.Tensor] = []
@@ -347,7 +346,7 @@ class PEagleDraftModel(Eagle3DraftModel):
             docs, mask_row = document_ids[row], loss_mask[row].bool() & (document_ids[row] >= 0)
             anchors, depths = cod_sample(
                 mask_row,
-                num_depths=depths_seen,
+                num_depths=self.num_depths,
                 ratio=self.down_sample_ratio,
                 ratio_min=self.down_sample_ratio_min,
                 max_anchors=self.max_anchors,
@@ -380,7 +379,7 @@ class PEagleDraftModel(Eagle3DraftModel):
         return TrainingStepOutput(
             loss=loss,
             **_depth_metrics(
-                logits, targets.ids, depths, torch.cat(anchor_key), per_element, depths_seen
+                logits, targets.ids, depths, torch.cat(anchor_key), per_element, self.num_depths
             ),
         )
 
