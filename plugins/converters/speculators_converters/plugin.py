@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from speculators_converters.dflash import convert_zlab_dflash, detect_zlab_dflash
 from speculators_converters.eagle import (
     convert_safeailab_eagle,
     convert_speculators_eagle,
@@ -51,10 +52,18 @@ CONVERTERS: tuple[Converter, ...] = (
         description="upstream speculators 'eagle3' folders (legacy Eagle3Speculator layout, "
         "v0.3+ trained), rewritten in the current format",
     ),
+    Converter(
+        name="zlab-dflash",
+        algorithm="dflash",
+        detect=detect_zlab_dflash,
+        convert=convert_zlab_dflash,
+        description="z-lab DFlash drafts (dflash_config, fc + hidden_norm + Qwen3 layers, "
+        "optional fused qkv_proj)",
+    ),
 )
 
 
 @hookimpl
 def speculators_register_converters() -> Sequence[Converter]:
-    """The four converters of speculators-converters."""
+    """The five converters of speculators-converters."""
     return list(CONVERTERS)

@@ -1,7 +1,8 @@
 """``--validate``: the converted draft against the source's own forward, then ``speculators check``.
 
 The source's forward is written here directly, in plain float64 PyTorch, from the published
-maths (FORMAT.md 3.1 for EAGLE-1/2/HASS, 3.2 for EAGLE-3) and the *source's* tensor names; it
+maths (FORMAT.md 3.1 for EAGLE-1/2/HASS, 3.2 for EAGLE-3, FORMAT-PARALLEL.md 3.3 for DFlash)
+and the *source's* tensor names; it
 shares no code with the target model classes. On random token ids and random verifier features
 both give one draft step's logits over the verifier vocabulary (EAGLE-3: draft logits scattered
 to the verifier ids through ``d2t``, ``-inf`` elsewhere); they must agree within a tolerance
@@ -27,7 +28,13 @@ import torch.nn.functional as F
 from speculators_core.conversion import ReferenceForward
 from speculators_core.errors import ConversionError
 
-__all__ = ["LayerDims", "eagle1_reference", "eagle3_reference", "source_forward"]
+__all__ = [
+    "LayerDims",
+    "dflash_reference",
+    "eagle1_reference",
+    "eagle3_reference",
+    "source_forward",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -274,6 +281,105 @@ def eagle3_reference(
     if has("d2t"):
         target_ids = target_ids + get("d2t").round().long()
     full = torch.full((*draft_logits.shape[:-1], vocab_size), float("-inf"), dtype=torch.float64)
+    full[..., target_ids] = draft_logits
+    return full
+
+
+def _block_attention(
+    block: torch.Tensor,  # [Q, H] block states after the input norm
+    context: torch.Tensor,  # [C, H] context states (positions 0..C-1), not normed
+    get: Getter,
+    has: Callable[[str], bool],
+    prefix: str,
+    dims: LayerDims,
+    *,
+    causal_block: bool,
+    window: int | None,
+) -> torch.Tensor:
+    """DFlash attention: block queries at positions ``C..C+Q-1`` over the context keys and the
+    block's own keys (all of them, or earlier ones with ``causal_block``)."""
+    d, num_ctx, num_q = dims.head_dim, context.shape[0], block.shape[0]
+    eps = dims.rms_norm_eps
+    q = _linear(block, get, f"{prefix}.q_proj", has).view(num_q, dims.num_heads, d)
+    keys = torch.cat([context, block])  # the block's keys/values follow the context's
+    k = _linear(keys, get, f"{prefix}.k_proj", has).view(-1, dims.num_kv_heads, d)
+    v = _linear(keys, get, f"{prefix}.v_proj", has).view(-1, dims.num_kv_heads, d)
+    q = _rms_norm(q, get(f"{prefix}.q_norm.weight"), eps)
+    k = _rms_norm(k, get(f"{prefix}.k_norm.weight"), eps)
+    cos, sin = _rotary(dims, num_ctx + num_q)
+    key_pos = torch.arange(num_ctx + num_q)
+    query_pos = torch.arange(num_ctx, num_ctx + num_q)
+    visible = torch.ones(num_q, num_ctx + num_q, dtype=torch.bool)
+    if window is not None:  # measured from the anchor, as DFlash training does
+        visible[:, :num_ctx] &= key_pos[None, :num_ctx] >= num_ctx - window
+    if causal_block:
+        visible[:, num_ctx:] &= key_pos[None, num_ctx:] <= query_pos[:, None]
+    out = torch.zeros(num_q, dims.num_heads, d, dtype=block.dtype)
+    group = dims.num_heads // dims.num_kv_heads
+    for head in range(dims.num_heads):
+        qh = _rotate(q[:, head], cos[query_pos], sin[query_pos])
+        kh = _rotate(k[:, head // group], cos, sin)
+        scores = (qh @ kh.T / d**0.5).masked_fill(~visible, float("-inf"))
+        out[:, head] = torch.softmax(scores, dim=-1) @ v[:, head // group]
+    return _linear(out.reshape(num_q, -1), get, f"{prefix}.o_proj", has)
+
+
+def dflash_reference(
+    get: Getter,
+    has: Callable[[str], bool],
+    dims: LayerDims,
+    *,
+    input_ids: torch.Tensor,  # [B, T]: the token after each feature's position (the anchor)
+    aux: torch.Tensor,  # [B, T, n*Ht] concatenated verifier aux states
+    embed: torch.Tensor,  # [V, H] the verifier's (DFlash drafts share it)
+    lm_head: torch.Tensor,  # [Vd, H]: the source's own head, or the verifier's
+    vocab_size: int,
+    layers: list[str],  # source prefixes of the decoder layers
+    block_size: int,
+    mask_token_id: int,
+    causal_block: bool,
+    window: int | None,
+) -> torch.Tensor:
+    """The first drafted token of a DFlash block after every position (FORMAT-PARALLEL.md 3.3):
+    logits ``[B, T, V]``, ``-inf`` outside the draft vocabulary.
+
+    For position ``t``: context ``c = hidden_norm(fc(aux_{0..t}))`` (keys/values without an
+    input norm), block ``[input_ids[t], mask x (block_size - 1)]`` at positions ``t+1..``
+    through pre-norm decoder layers, ``lm_head(norm(h))`` of mask slot 1.
+    """
+    eps = dims.rms_norm_eps
+    context_all = _rms_norm(aux @ get("fc.weight").T, get("hidden_norm.weight"), eps)
+    batch, length = input_ids.shape
+    draft_logits = torch.zeros(batch, length, lm_head.shape[0], dtype=torch.float64)
+    for b in range(batch):
+        for t in range(length):
+            context = context_all[b, : t + 1]
+            tokens = torch.full((block_size,), mask_token_id, dtype=torch.long)
+            tokens[0] = input_ids[b, t]
+            h = embed[tokens]
+            for prefix in layers:
+                h = h + _block_attention(
+                    _rms_norm(h, get(f"{prefix}.input_layernorm.weight"), eps),
+                    context,
+                    get,
+                    has,
+                    f"{prefix}.self_attn",
+                    dims,
+                    causal_block=causal_block,
+                    window=window,
+                )
+                h = h + _mlp(
+                    _rms_norm(h, get(f"{prefix}.post_attention_layernorm.weight"), eps),
+                    get,
+                    has,
+                    f"{prefix}.mlp",
+                    dims.hidden_act,
+                )
+            draft_logits[b, t] = _rms_norm(h[1], get("norm.weight"), eps) @ lm_head.T
+    target_ids = torch.arange(lm_head.shape[0])
+    if has("d2t"):
+        target_ids = target_ids + get("d2t").round().long()
+    full = torch.full((batch, length, vocab_size), float("-inf"), dtype=torch.float64)
     full[..., target_ids] = draft_logits
     return full
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,12 +38,29 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class TensorPlan:
-    """One output tensor: its name, the source tensor it comes from, its output dtype and shape."""
+    """One output tensor: its name, the source tensor it comes from, its output dtype and shape.
+
+    ``elements`` ``(start, stop)``: only that range of the flattened source tensor (a row block
+    of a fused tensor, such as one projection of a ``qkv_proj``); None: all of it.
+    """
 
     name: str
     source: str
     dtype: torch.dtype
     shape: tuple[int, ...]
+    elements: tuple[int, int] | None = None
+
+
+def _element_range(pieces: Iterator[torch.Tensor], start: int, stop: int) -> Iterator[torch.Tensor]:
+    """The elements ``start..stop-1`` of a tensor given as consecutive flat pieces."""
+    offset = 0
+    for piece in pieces:
+        end = offset + piece.numel()
+        if end > start and offset < stop:
+            yield piece[max(0, start - offset) : min(piece.numel(), stop - offset)]
+        offset = end
+        if offset >= stop:
+            return
 
 
 def expected_tensors(
@@ -176,7 +193,10 @@ def _write_weights(path: Path, source: SourceCheckpoint, plans: list[TensorPlan]
         for plan, layout in zip(plans, layouts, strict=True):
             # The writer casts each chunk to the planned dtype (float casts, and a t2d saved as
             # 0/1 integers to bool), so a cast never holds more than one chunk.
-            writer.write(plan.name, source.chunks(plan.source))
+            pieces = source.chunks(plan.source)
+            if plan.elements is not None:
+                pieces = _element_range(pieces, *plan.elements)
+            writer.write(plan.name, pieces)
             progress.update(layout.nbytes)
 
 

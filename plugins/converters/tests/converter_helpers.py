@@ -367,3 +367,91 @@ def make_speculators_eagle3(
     _write_config(folder, config)
     write_weights(folder, tensors, kind)
     return tensors
+
+
+def make_zlab_dflash(
+    folder: Path,
+    verifier: Path,
+    *,
+    target_layer_ids: tuple[int, ...] = (1, 3, 5),
+    num_layers: int = 2,
+    block_size: int = 4,
+    mask_token_id: int = 7,
+    fused_qkv: bool = False,
+    block_size_in_dflash_config: bool = False,
+    sliding_window: int | None = None,
+    with_embed: bool = False,
+    kind: str = "safetensors",
+    dtype: torch.dtype | None = None,
+    seed: int = 3,
+) -> dict[str, torch.Tensor]:
+    """A z-lab DFlash checkpoint (FORMAT-PARALLEL.md 3.2): Qwen3 fields, ``block_size`` at the
+    top level (older drafts) or in ``dflash_config`` (newer), ``fc`` [H, n*H], ``hidden_norm``,
+    ``layers.{i}.*`` with per-head q/k norms (``fused_qkv``: one ``qkv_proj`` per layer),
+    ``norm``; no ``lm_head``. Returns its tensors as written (before any fusing)."""
+    s = verifier_sizes(verifier)
+    gen = torch.Generator().manual_seed(seed)
+    h, d = s["hidden"], s["head_dim"]
+    tensors: dict[str, torch.Tensor] = {
+        "fc.weight": _weight(gen, h, len(target_layer_ids) * h),
+        "hidden_norm.weight": _norm(gen, h),
+        "norm.weight": _norm(gen, h),
+    }
+    for i in range(num_layers):
+        prefix = f"layers.{i}."
+        tensors.update(_layer(gen, s, prefix, h))
+        tensors[f"{prefix}input_layernorm.weight"] = _norm(gen, h)
+        tensors[f"{prefix}self_attn.q_norm.weight"] = _norm(gen, d)
+        tensors[f"{prefix}self_attn.k_norm.weight"] = _norm(gen, d)
+    if with_embed:
+        tensors["embed_tokens.weight"] = verifier_embedding(verifier)
+    written = dict(tensors)
+    if fused_qkv:
+        for i in range(num_layers):
+            attn = f"layers.{i}.self_attn."
+            written[f"{attn}qkv_proj.weight"] = torch.cat(
+                [written.pop(f"{attn}{p}_proj.weight") for p in ("q", "k", "v")]
+            )
+    kind_of_layer = "sliding_attention" if sliding_window else "full_attention"
+    dflash: dict[str, Any] = {
+        "mask_token_id": mask_token_id,
+        "target_layer_ids": list(target_layer_ids),
+    }
+    config: dict[str, Any] = {
+        "architectures": ["DFlashDraftModel"],
+        "auto_map": {"AutoModel": "dflash.DFlashDraftModel"},
+        "model_type": "qwen3",
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "dflash_config": dflash,
+        "dtype": str(dtype or torch.float32).removeprefix("torch."),
+        "head_dim": d,
+        "hidden_act": "silu",
+        "hidden_size": h,
+        "initializer_range": 0.02,
+        "intermediate_size": s["intermediate"],
+        "layer_types": [kind_of_layer] * num_layers,
+        "max_position_embeddings": 512,
+        "max_window_layers": num_layers,
+        "num_attention_heads": s["heads"],
+        "num_hidden_layers": num_layers,
+        "num_key_value_heads": s["kv_heads"],
+        "num_target_layers": s["layers"],
+        "rms_norm_eps": 1e-6,
+        "rope_scaling": None,
+        "rope_theta": 10000.0,
+        "sliding_window": sliding_window,
+        "tie_word_embeddings": False,
+        "use_cache": True,
+        "use_sliding_window": bool(sliding_window),
+        "vocab_size": s["vocab"],
+    }
+    if block_size_in_dflash_config:
+        dflash["block_size"] = block_size
+    else:
+        config["block_size"] = block_size
+    _write_config(folder, config)
+    write_weights(folder, written, kind, dtype)
+    return tensors

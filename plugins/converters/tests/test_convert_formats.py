@@ -15,8 +15,10 @@ from converter_helpers import (
     make_safeailab_eagle3,
     make_speculators_eagle,
     make_speculators_eagle3,
+    make_zlab_dflash,
 )
 from safetensors.torch import load_file
+from speculators_dflash import DFlashDraftModel
 from speculators_eagle3 import Eagle3DraftModel
 from speculators_hass import EagleDraftModel
 
@@ -131,6 +133,21 @@ LAYOUTS: dict[
         Eagle3DraftModel,
         lambda n: None if n in ("d2t", "t2d") else n,
     ),
+    "zlab-dflash": (make_zlab_dflash, {}, "zlab-dflash", DFlashDraftModel, lambda n: n),
+    "zlab-dflash-fused-qkv-embed": (
+        make_zlab_dflash,
+        {"fused_qkv": True, "with_embed": True, "block_size_in_dflash_config": True},
+        "zlab-dflash",
+        DFlashDraftModel,
+        lambda n: None if n == "embed_tokens.weight" else n,
+    ),
+    "zlab-dflash-sliding-window": (
+        make_zlab_dflash,
+        {"sliding_window": 3, "num_layers": 1, "block_size": 3},
+        "zlab-dflash",
+        DFlashDraftModel,
+        lambda n: n,
+    ),
 }
 
 
@@ -175,7 +192,7 @@ def test_layout_converts_reloads_and_validates(
 
 
 @pytest.mark.parametrize("kind", FILE_KINDS)
-@pytest.mark.parametrize("layout", ["eagle1", "eagle3"])
+@pytest.mark.parametrize("layout", ["eagle1", "eagle3", "zlab-dflash-fused-qkv-embed"])
 def test_every_file_layout_is_read(
     layout: str, kind: str, tmp_path: Path, tiny_verifier: Path
 ) -> None:
@@ -183,7 +200,7 @@ def test_every_file_layout_is_read(
     out, source = _convert(layout, tmp_path, tiny_verifier, kind=kind)
     written = load_file(str(out / "model.safetensors"))
     assert torch.equal(
-        written["fc.weight" if layout == "eagle3" else "fusion_fc.weight"], source["fc.weight"]
+        written["fusion_fc.weight" if layout == "eagle1" else "fc.weight"], source["fc.weight"]
     )
 
 

@@ -107,7 +107,7 @@ def test_no_weights_is_reported(tmp_path: Path) -> None:
         SourceCheckpoint(tmp_path)
 
 
-def test_the_plugin_registers_four_converters() -> None:
+def test_the_plugin_registers_its_five_converters() -> None:
     """Through the core's plugin host (entry point speculators.converters)."""
     converters = get_host().converters()
     assert {n: c.algorithm for n, c in converters.items()} == {
@@ -115,5 +115,6 @@ def test_the_plugin_registers_four_converters() -> None:
         "safeailab-eagle3": "eagle3",
         "speculators-eagle": "eagle",
         "speculators-eagle3": "eagle3",
+        "zlab-dflash": "dflash",
     }
     assert all(c.provided_by.startswith("speculators-converters") for c in converters.values())

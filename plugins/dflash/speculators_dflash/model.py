@@ -508,6 +508,38 @@ class DFlashDraftModel(DraftVocabularyMixin, HiddenStateDraftModel):  # type: ig
         h = self.run_block(tokens.reshape(1, -1), positions.reshape(1, -1), cache, mask[None, None])
         return h.reshape(anchors.shape[0], size, -1)
 
+    def draft_logits(self, input_ids: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """The first drafted token of a block after every position, over the verifier vocabulary.
+
+        ``features`` ``[B, T, n*Ht]`` are the aux states of positions ``0..T-1`` and
+        ``input_ids[:, t]`` is the token at ``t + 1``. For every ``t`` the context is positions
+        ``0..t`` and the block (``block_size`` slots: ``input_ids[:, t]`` as the anchor at
+        ``t + 1``, then mask slots) runs as when drafting; the result ``[B, T, V]`` (float64,
+        ``-inf`` outside the draft vocabulary) is mask slot 1's logits, the draft's guess of the
+        token at ``t + 2``. Every tensor of the draft takes part, which is what
+        ``speculators convert --validate`` needs.
+        """
+        batch, length = input_ids.shape
+        device = self.fc.weight.device
+        full = torch.full(
+            (batch, length, self.config.verifier_vocab_size), float("-inf"), dtype=torch.float64
+        )
+        # Unshifted rows of T + 1 positions: the anchor of position a = t + 1 is input_ids[t]
+        # and its context is positions < a, exactly as a training anchor.
+        positions = torch.arange(length + 1, device=device)
+        documents = torch.zeros(length + 1, dtype=torch.long, device=device)
+        anchors = positions[1:]
+        with torch.no_grad():
+            for row in range(batch):
+                aux = torch.cat(
+                    [features[row].to(device), features.new_zeros(1, features.shape[-1]).to(device)]
+                )
+                ids = torch.cat([input_ids.new_zeros(1), input_ids[row]]).to(device)
+                h = self.block_states(aux, ids, positions, documents, anchors)  # [T, B, H]
+                logits = self.lm_head(self.norm(h[:, 1]))  # [T, Vd]
+                full[row][:, self.draft_to_target_ids().cpu()] = logits.double().cpu()
+        return full
+
     def forward(
         self,
         input_ids: torch.Tensor,  # [B, T]

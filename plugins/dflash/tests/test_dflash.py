@@ -123,6 +123,32 @@ def test_every_training_block_is_what_drafting_proposes(tiny_verifier: Path, ver
     torch.testing.assert_close(again, train_logits[2, 1:], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("draft_vocab", [None, 64])
+def test_draft_logits_is_the_first_drafted_token_after_every_position(
+    tiny_verifier: Path, verifier_model: Any, draft_vocab: int | None
+) -> None:
+    """``draft_logits`` (what ``convert --validate`` compares) at position t is slot 1 of the
+    block the drafting session runs after verified position t, on the verifier vocabulary."""
+    vocab = verifier_model.config.vocab_size
+    extra = {} if draft_vocab is None else {"token_counts": torch.arange(vocab).flip(0)}
+    model = perturbed(build(tiny_verifier, draft_vocab_size=draft_vocab, **extra), 5)
+    row = packed_row(verifier_model, [9], seed=4)
+    ids, states = row["input_ids"], row["hidden_states"][:, :, :3]
+    features = states.flatten(2).double()  # [1, T, n*Ht]
+    length = ids.shape[1] - 1
+    got = model.draft_logits(ids[:, 1:], features[:, :length])
+    assert got.dtype == torch.float64 and got.shape == (1, length, model.config.verifier_vocab_size)
+    for t in range(length):
+        session = model.draft_session()
+        session.extend(ids[:, : t + 2], states[:, : t + 1])
+        want = session.propose(model.config.block_size - 1).logits[0, 0].double()
+        assert torch.equal(torch.isinf(got[0, t]), torch.isinf(want))
+        finite = torch.isfinite(want)
+        torch.testing.assert_close(got[0, t][finite], want[finite], rtol=1e-4, atol=1e-5)
+    if draft_vocab is not None:
+        assert int(torch.isfinite(got[0, 0]).sum()) == draft_vocab
+
+
 def test_the_loss_is_the_weighted_ce_over_scored_slots(
     tiny_verifier: Path, verifier_model: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
