@@ -118,7 +118,15 @@ def _print_table(reports: list[dict[str, Any]]) -> None:
     "--temperature",
     default=0.0,
     show_default=True,
-    help="0 = greedy; > 0 samples with rejection sampling.",
+    help="0 = greedy; > 0 samples, and --proposal decides how drafted tokens are accepted.",
+)
+@click.option(
+    "--proposal",
+    default="greedy",
+    show_default=True,
+    help="Proposal method: how the draft proposes and the verifier accepts at --temperature > 0 "
+    "(greedy: argmax drafts, standard rejection sampling; speculators-proposals adds sampled "
+    "and block). 'speculators plugins' lists the installed ones.",
 )
 @click.option(
     "--max-new-tokens", default=128, show_default=True, help="Tokens to generate per prompt."
@@ -153,6 +161,7 @@ def eval_command(
     write_k: bool,
     k: int,
     temperature: float,
+    proposal: str,
     max_new_tokens: int,
     max_prompt_tokens: int,
     seed: int,
@@ -174,7 +183,15 @@ def eval_command(
     if k < 1 or max_new_tokens < 1:
         raise SpeculatorsError("-k and --max-new-tokens must be at least 1")
     verifier_dir = resolve_verifier(draft, verifier)
+    if temperature < 0:
+        raise SpeculatorsError(f"--temperature must be >= 0, got {temperature}")
+    method = command_host().proposal_method(proposal)  # an unknown name stops here
     if engine == "vllm-server":
+        if proposal != "greedy":
+            raise SpeculatorsError(
+                "--engine vllm-server measures greedy decoding, where every proposal method is "
+                "the verifier's argmax; drop --proposal, or measure it with --engine vllm"
+            )
         _measure_served(
             draft,
             verifier_dir,
@@ -192,10 +209,13 @@ def eval_command(
     if write_k:
         raise SpeculatorsError("--write-k goes with --engine vllm-server (k is chosen by serving)")
     if engine in ("vllm", "both"):
-        from speculators_core.evaluate.vllm_runner import vllm_serving
+        from speculators_core.evaluate.vllm_env import detect_device
+        from speculators_core.evaluate.vllm_runner import proposal_config, vllm_serving
 
-        # An algorithm vLLM cannot serve stops here, in one line, before any decoding.
+        # An algorithm or a proposal method vLLM cannot serve stops here, in one line, before
+        # any decoding.
         vllm_serving(draft, command_host())
+        proposal_config(method, detect_device(None))
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(verifier_dir)
@@ -220,6 +240,7 @@ def eval_command(
                 eos=eos,
                 baseline=baseline,
                 host=command_host(),
+                proposal=method,
             )
         )
     if engine in ("vllm", "both"):
@@ -234,6 +255,7 @@ def eval_command(
                 seed=seed,
                 baseline=baseline,
                 host=command_host(),
+                proposal=method,
             )
         )
     _print_table(reports)
@@ -245,6 +267,7 @@ def eval_command(
         "num_prompts": len(prompts),
         "k": k,
         "temperature": temperature,
+        "proposal": proposal,
         "max_new_tokens": max_new_tokens,
         "seed": seed,
         "wall_s": time.time() - started,
@@ -255,7 +278,7 @@ def eval_command(
     plot_acceptance(
         {r["engine"]: r["acceptance_rate_per_position"] for r in reports},
         out_dir / "acceptance.png",
-        title=f"{draft.name}: per-position acceptance (k={k}, T={temperature})",
+        title=f"{draft.name}: per-position acceptance (k={k}, T={temperature}, {proposal})",
         mean_lengths={r["engine"]: r["mean_acceptance_length"] for r in reports},
     )
     click.echo(f"wrote {out_dir / 'eval.json'} and {out_dir / 'acceptance.png'}")

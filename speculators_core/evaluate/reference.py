@@ -2,15 +2,18 @@
 
 The verifier is any transformers causal LM; the draft is any installed algorithm's
 :class:`~speculators_core.drafting.DraftSession`. Each round the draft proposes ``k`` tokens
-(chain drafting), the verifier scores them in one cached forward, and the standard rule decides
-what is kept:
+(chain drafting), the verifier scores them in one cached forward, and a proposal method
+(:class:`~speculators_core.plugins.records.ProposalMethod`, the core's ``greedy`` by default)
+decides what is kept:
 
-* greedy (``temperature == 0``): keep the longest prefix of drafted tokens equal to the
+* ``temperature == 0``: argmax chains; keep the longest prefix of drafted tokens equal to the
   verifier's argmax, then emit the verifier's own argmax at the first mismatch (or the bonus
-  token after ``k`` accepts). The output is exactly the verifier's greedy output.
-* sampled: accept drafted token ``d`` with probability ``min(1, p(d) / q(d))``; on rejection
-  emit a token drawn from ``normalize(max(0, p - q))``; after ``k`` accepts draw the bonus token
-  from ``p`` (Leviathan et al. 2023). The output is distributed exactly as the verifier's.
+  token after ``k`` accepts). The output is exactly the verifier's greedy output, whatever the
+  method (every lossless rule reduces to this one).
+* sampled (``temperature > 0``): the method's ``draft`` proposes (``greedy``: the argmax chain,
+  one-hot distributions) and its ``accept`` rule keeps a prefix and emits one more token
+  (``greedy``: standard rejection sampling, Leviathan et al. 2023). Lossless methods emit
+  tokens distributed exactly as the verifier's own sampling.
 
 Both sides keep KV caches: the verifier's is cropped back to the accepted prefix after each
 round, the draft session discards its speculative positions on the next ``extend``. Sequences
@@ -23,12 +26,16 @@ import contextlib
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from speculators_core.data.capture import StateRecorder
+from speculators_core.proposals.chain import GREEDY, argmax_chain, greedy_match, standard_rule
+
+if TYPE_CHECKING:
+    from speculators_core.plugins.records import ProposalMethod
 
 __all__ = [
     "DecodeStats",
@@ -187,47 +194,10 @@ class GenerationResult:
     stats: DecodeStats
 
 
-def accept_greedy(draft_tokens: torch.Tensor, target_logits: torch.Tensor) -> tuple[int, int]:
-    """Greedy verification of one round.
-
-    ``draft_tokens`` is ``[k]``; ``target_logits`` is ``[k+1, V]`` (row ``i`` is the verifier's
-    prediction after drafted token ``i``, row 0 after the last verified token). Returns
-    ``(accepted, next_token)``.
-    """
-    target = target_logits.argmax(dim=-1)
-    k = draft_tokens.shape[0]
-    accepted = 0
-    while accepted < k and int(draft_tokens[accepted]) == int(target[accepted]):
-        accepted += 1
-    return accepted, int(target[accepted])
-
-
-def accept_sampled(
-    draft_tokens: torch.Tensor,
-    draft_probs: torch.Tensor,
-    target_probs: torch.Tensor,
-    generator: torch.Generator | None = None,
-) -> tuple[int, int]:
-    """Rejection-sampling verification of one round (Leviathan et al. 2023, algorithm 1).
-
-    ``draft_probs`` is ``[k, V]`` (the distributions the drafted tokens were drawn from),
-    ``target_probs`` is ``[k+1, V]``. Returns ``(accepted, next_token)``; the emitted tokens are
-    distributed exactly as sampling from the verifier alone.
-    """
-    k = draft_tokens.shape[0]
-    for i in range(k):
-        token = int(draft_tokens[i])
-        p, q = float(target_probs[i, token]), float(draft_probs[i, token])
-        u = float(torch.rand((), generator=generator))
-        if q > 0 and u < min(1.0, p / q):
-            continue
-        residual = (target_probs[i] - draft_probs[i]).clamp(min=0)
-        total = float(residual.sum())
-        # p == q everywhere leaves no residual mass; then rejection has probability 0, so this
-        # branch is only reached through floating-point noise: fall back to p itself.
-        weights = residual / total if total > 0 else target_probs[i]
-        return i, int(torch.multinomial(weights, 1, generator=generator))
-    return k, int(torch.multinomial(target_probs[k], 1, generator=generator))
+#: Greedy verification of one round (kept under its older name).
+accept_greedy = greedy_match
+#: Rejection-sampling verification of one round (kept under its older name).
+accept_sampled = standard_rule
 
 
 class ReferenceDecoder:
@@ -244,6 +214,7 @@ class ReferenceDecoder:
         *,
         k: int = 3,
         eos_token_ids: Iterable[int] = (),
+        proposal: ProposalMethod | None = None,
     ) -> None:
         if k < 1:
             raise ValueError(f"k (draft tokens per round) must be at least 1, got {k}")
@@ -251,6 +222,7 @@ class ReferenceDecoder:
         self.draft = draft.eval() if draft is not None else None
         self.k = k
         self.eos = set(eos_token_ids)
+        self.proposal = proposal if proposal is not None else GREEDY
 
     def _new_cache(self) -> Any:
         from transformers import DynamicCache
@@ -331,8 +303,13 @@ class ReferenceDecoder:
                 cached += 1
                 emitted.append(self._pick(out.logits[0, -1], temperature, generator))
                 continue
-            proposal = session.propose(self.k, temperature=temperature, generator=generator)
-            drafted = proposal.tokens[0].to(prompt.device)  # [k]
+            if temperature <= 0:
+                chain = argmax_chain(session, self.k, 0.0, generator)
+            else:
+                chain = (self.proposal.draft or argmax_chain)(
+                    session, self.k, temperature, generator
+                )
+            drafted = chain.tokens.to(prompt.device)  # [k]
             out = self.verifier(
                 input_ids=torch.cat([last, drafted[None]], dim=1),
                 past_key_values=cache,
@@ -343,11 +320,11 @@ class ReferenceDecoder:
             states = recorder.take()  # [1, k+1, n, H]
             logits = out.logits[0]  # [k+1, V]
             if temperature <= 0:
-                accepted, next_token = accept_greedy(drafted, logits)
+                accepted, next_token = greedy_match(drafted, logits)
             else:
-                accepted, next_token = accept_sampled(
+                accepted, next_token = (self.proposal.accept or standard_rule)(
                     drafted,
-                    self._probs(proposal.logits[0], temperature),
+                    chain.probs.to(logits.device),
                     self._probs(logits, temperature),
                     generator,
                 )

@@ -38,7 +38,7 @@ from speculators_core.evaluate.vllm_env import (
     vllm_available,
     vllm_env,
 )
-from speculators_core.plugins.records import VllmServing
+from speculators_core.plugins.records import ProposalMethod, VllmServing
 
 if TYPE_CHECKING:
     from speculators_core.plugins.host import PluginHost
@@ -48,6 +48,7 @@ __all__ = [
     "VllmJob",
     "VllmResult",
     "draft_method",
+    "proposal_config",
     "run_vllm",
     "run_vllm_jobs",
     "run_vllm_pair",
@@ -146,7 +147,9 @@ class VllmJob:
     the timed part. ``engine_args`` are extra ``vllm.LLM`` keyword arguments (they win over the
     ones derived here). ``method`` overrides the speculative method read from the draft;
     without it, a speculators-format draft needs ``host``, the plugin host whose algorithm
-    record says how vLLM serves it (:func:`vllm_serving`).
+    record says how vLLM serves it (:func:`vllm_serving`). ``proposal`` (a proposal method's
+    record, default vLLM's greedy drafting and standard rejection) adds its
+    ``speculative_config`` keys (:func:`proposal_config`).
     """
 
     verifier: str | os.PathLike[str]
@@ -164,6 +167,7 @@ class VllmJob:
     max_model_len: int | None = None
     engine_args: Mapping[str, Any] = field(default_factory=dict)
     host: PluginHost | None = field(default=None, repr=False, compare=False)
+    proposal: ProposalMethod | None = field(default=None, repr=False, compare=False)
 
 
 def vllm_serving(draft: str | os.PathLike[str], host: PluginHost | None = None) -> VllmServing:
@@ -243,6 +247,27 @@ def speculative_config(
     }
 
 
+def proposal_config(proposal: ProposalMethod | None, device: str) -> Mapping[str, Any]:
+    """The ``speculative_config`` keys of a proposal method on ``device`` (``cpu``/``gpu``).
+
+    Raises :class:`VllmError` (one line) when vLLM has no equivalent of the method, or when vLLM
+    for CPU cannot serve it (the record's ``cpu_refusal`` says why).
+    """
+    if proposal is None:
+        return {}
+    if proposal.vllm is None:
+        raise VllmError(
+            f"proposal method '{proposal.name}' has no vLLM equivalent; measure it with "
+            "--engine reference"
+        )
+    if device == "cpu" and proposal.vllm.cpu_refusal:
+        raise VllmError(
+            f"proposal method '{proposal.name}' is not served by vLLM for CPU: "
+            f"{proposal.vllm.cpu_refusal}; measure it with --engine reference"
+        )
+    return dict(proposal.vllm.speculative_config)
+
+
 def _as_path_or_id(value: str | os.PathLike[str]) -> str:
     """A local folder as an absolute path; anything else (a hub id) unchanged."""
     path = Path(value)
@@ -271,9 +296,10 @@ def _job_request(job: VllmJob, device: str) -> dict[str, Any]:
     if job.max_model_len is not None:
         engine["max_model_len"] = job.max_model_len
     if job.draft is not None:
-        engine["speculative_config"] = speculative_config(
-            job.draft, job.k, job.method, host=job.host
-        )
+        engine["speculative_config"] = {
+            **speculative_config(job.draft, job.k, job.method, host=job.host),
+            **proposal_config(job.proposal, device),
+        }
     engine.update(job.engine_args)
     sampling: dict[str, Any] = {
         "max_tokens": job.max_new_tokens,

@@ -18,6 +18,7 @@ from speculators_core.plugins.records import (
     Converter,
     Objective,
     ProposalMethod,
+    ProposalServing,
     TrainingOption,
     VllmServing,
 )
@@ -34,6 +35,7 @@ __all__ = [
     "PluginHost",
     "PluginSettings",
     "ProposalMethod",
+    "ProposalServing",
     "TrainingOption",
     "VllmServing",
     "get_host",

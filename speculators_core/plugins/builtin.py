@@ -5,21 +5,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from speculators_core.config import GreedyTokenProposalConfig
 from speculators_core.plugins.hookspecs import hookimpl
 from speculators_core.plugins.records import Objective, ProposalMethod
 
 
 @hookimpl
 def speculators_register_proposal_methods() -> Sequence[ProposalMethod]:
-    """The greedy chain proposal (the method vLLM serves)."""
-    return [
-        ProposalMethod(
-            name="greedy",
-            config_class=GreedyTokenProposalConfig,
-            description="chain drafting of speculative_tokens tokens, each the draft's argmax",
-        )
-    ]
+    """The greedy chain proposal (vLLM's default method)."""
+    from speculators_core.proposals.chain import GREEDY
+
+    return [GREEDY]
 
 
 @hookimpl

@@ -15,14 +15,17 @@ if TYPE_CHECKING:
     from speculators_core.model import SpeculatorModel
 
 __all__ = [
+    "AcceptFunction",
     "Algorithm",
     "ConvertFunction",
     "Converter",
     "DetectFunction",
+    "DraftFunction",
     "LintFunction",
     "Objective",
     "ObjectiveLoss",
     "ProposalMethod",
+    "ProposalServing",
     "TrainingOption",
     "VllmServing",
 ]
@@ -83,14 +86,53 @@ class Algorithm:
     vllm: VllmServing | None = None
 
 
+#: ``draft(session, k, temperature, generator) -> ChainDraft``: how the draft proposes ``k``
+#: tokens through an algorithm's drafting session at ``temperature`` > 0, and the distributions
+#: the tokens were drawn from (:mod:`speculators_core.proposals.chain`).
+DraftFunction = Callable[..., Any]
+#: ``accept(drafted [k], draft_probs [k, V], target_probs [k+1, V], generator) -> (accepted,
+#: next_token)``: how the verifier accepts a drafted chain at temperature > 0; lossless rules
+#: emit tokens distributed exactly as the verifier's own sampling.
+AcceptFunction = Callable[..., tuple[int, int]]
+
+
+@dataclass(frozen=True)
+class ProposalServing:
+    """How vLLM serves a proposal method.
+
+    * ``speculative_config``: keys merged into vLLM's ``speculative_config`` (JSON values only),
+      e.g. ``{"draft_sample_method": "probabilistic"}``; empty for vLLM's defaults.
+    * ``cpu_refusal``: empty when vLLM for CPU serves it; otherwise one line saying why not, naming
+      the vLLM code (``serve``, ``eval --engine vllm`` and the quickstart refuse with it).
+    """
+
+    speculative_config: Mapping[str, Any] = field(default_factory=dict)
+    cpu_refusal: str = ""
+
+
 @dataclass(frozen=True)
 class ProposalMethod:
-    """A token-proposal method: the value of ``proposal_type`` in ``proposal_methods``."""
+    """A token-proposal method: the value of ``proposal_type`` in ``proposal_methods``, and its
+    behaviour.
+
+    * ``config_class``: what ``proposal_methods`` in ``config.json`` stores for it.
+    * ``draft``: how the draft proposes at temperature > 0 (:data:`DraftFunction`); None: the
+      chain of the draft's argmax tokens (vLLM's ``draft_sample_method: greedy``).
+    * ``accept``: how the verifier accepts at temperature > 0 (:data:`AcceptFunction`); None:
+      standard rejection sampling (Leviathan et al. 2023).
+    * ``vllm``: how vLLM serves it (:class:`ProposalServing`); None: vLLM has no equivalent.
+
+    At temperature 0 every lossless method is the verifier's greedy output: the reference
+    decoder drafts argmax chains and keeps the longest prefix equal to the verifier's argmax.
+    """
 
     name: str
     config_class: type[TokenProposalConfig]
     description: str = ""
     provided_by: str = field(default="", compare=False)
+    draft: DraftFunction | None = field(default=None, compare=False)
+    accept: AcceptFunction | None = field(default=None, compare=False)
+    vllm: ProposalServing | None = field(default_factory=ProposalServing)
 
 
 #: ``detect(source_folder, config_dict)`` returns True when the folder is in this converter's format.

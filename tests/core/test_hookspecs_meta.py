@@ -47,3 +47,20 @@ def test_every_hookspec_has_a_test_named_after_it(spec):
     pattern = re.compile(rf"def test_{spec.__name__}\b")
     test_files = [*REPO.glob("tests/**/test_*.py"), *REPO.glob("plugins/*/tests/**/test_*.py")]
     assert any(pattern.search(p.read_text()) for p in test_files), f"write test_{spec.__name__}"
+
+
+def test_proposal_method_behaviour_is_documented_with_its_exact_signatures():
+    """The ``draft`` and ``accept`` of a ProposalMethod, as the core's own implementations spell
+    them (argmax_chain, standard_rule), appear in the author docs."""
+    from speculators_core.proposals import argmax_chain, standard_rule
+
+    doc = (REPO / "docs" / "plugin-authors.md").read_text()
+    for role, fn in (("draft", argmax_chain), ("accept", standard_rule)):
+        params = []
+        for param in inspect.signature(fn).parameters.values():
+            text = f"{param.name}: {param.annotation}"
+            if param.default is not inspect.Parameter.empty:
+                text += f" = {param.default}"
+            params.append(text)
+        signature = f"def {role}({', '.join(params)}) -> {inspect.signature(fn).return_annotation}"
+        assert signature in doc, f"add `{signature}` to docs/plugin-authors.md"

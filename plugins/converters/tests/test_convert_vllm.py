@@ -4,7 +4,8 @@ A SafeAILab EAGLE-3 checkpoint (reduced draft vocabulary, so vLLM must apply ``d
 SafeAILab EAGLE-1 checkpoint, both sized for SmolLM2-135M-Instruct with random weights, are
 converted (with validation); the EAGLE-3 folder is served as it is, the EAGLE-1 one through
 the native EAGLE layout export of speculators-hass (vLLM does not read ``eagle`` folders,
-FORMAT.md 2.8). One vLLM worker runs the verifier alone and then with each draft: greedy output
+FORMAT.md 2.8); a z-lab DFlash checkpoint (one layer, fused ``qkv_proj``) is served as
+``method: dflash`` from its converted folder. One vLLM worker runs the verifier alone and then with each draft: greedy output
 must be identical and vLLM must have drafted. Random drafts are rarely accepted; acceptance is
 not the point here, loading is.
 """
@@ -15,7 +16,7 @@ from typing import Any
 
 import pytest
 from _support import chat_prompts
-from converter_helpers import make_safeailab_eagle, make_safeailab_eagle3
+from converter_helpers import make_safeailab_eagle, make_safeailab_eagle3, make_zlab_dflash
 
 from speculators_core import PluginHost, get_host
 from speculators_core.conversion import run_conversion
@@ -64,6 +65,21 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         validate=True,
     )
     exported = export_vllm_eagle(folder / "eagle1", folder / "eagle1-vllm")
+    make_zlab_dflash(
+        folder / "dflash-src",
+        verifier,
+        target_layer_ids=(1, 14, 26),
+        num_layers=1,
+        block_size=K + 1,
+        fused_qkv=True,
+    )
+    run_conversion(
+        converters["zlab-dflash"],
+        folder / "dflash-src",
+        verifier=verifier,
+        output=folder / "dflash",
+        validate=True,
+    )
 
     tokenizer = AutoTokenizer.from_pretrained(verifier)
     prompts = chat_prompts(tokenizer, QUESTIONS)
@@ -74,17 +90,18 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         "max_model_len": 256,
         "host": PluginHost(),  # the eagle3 record says how vLLM serves the converted folder
     }
-    baseline, eagle3, eagle1 = run_vllm_jobs(
+    baseline, eagle3, eagle1, dflash = run_vllm_jobs(
         [
             VllmJob(verifier=verifier, draft=None, **common),
             VllmJob(verifier=verifier, draft=folder / "eagle3", **common),
             VllmJob(verifier=verifier, draft=exported, method="eagle", **common),
+            VllmJob(verifier=verifier, draft=folder / "dflash", **common),
         ]
     )
-    return {"baseline": baseline, "eagle3": eagle3, "eagle1": eagle1}
+    return {"baseline": baseline, "eagle3": eagle3, "eagle1": eagle1, "dflash": dflash}
 
 
-@pytest.mark.parametrize("draft", ["eagle3", "eagle1"])
+@pytest.mark.parametrize("draft", ["eagle3", "eagle1", "dflash"])
 def test_converted_draft_is_served_by_vllm(run: dict[str, Any], draft: str) -> None:
     baseline, speculative = run["baseline"], run[draft]
     assert all(len(o) > 0 for o in baseline.outputs)
