@@ -298,6 +298,9 @@ def quickstart_command(
             f"mean acceptance length {tau:.3f} at k={k} (greedy, {report['measured_by']}, "
             f"{eval_prompts} prompts); the whole run took {report['total_seconds'] / 60:.1f} min"
         )
+    tau_sampled = report.get("mean_acceptance_length_temperature_1")
+    if tau_sampled is not None:
+        click.echo(f"mean acceptance length {tau_sampled:.3f} at temperature 1 (reference decoder)")
     speedup = report.get("speedup")
     if speedup is not None:
         serving = report["serving"]

@@ -11,7 +11,8 @@ Stages, each resumable and each writing its own folder under the output folder:
 5. ``train``: the algorithm trained by the core trainer for what is left of the budget (minus
    the evaluation reserve): a few calibration steps measure the step time, which fixes the step
    count and so the learning-rate schedule; checkpoints every few minutes make it resumable;
-6. ``eval``: acceptance on held-out prompts with the reference decoder and with vLLM;
+6. ``eval``: acceptance on held-out prompts with the reference decoder and with vLLM (greedy),
+   and with the reference decoder at temperature 1 (what chat users sample at);
 7. ``serve``: speed as users feel it, after the budget: ``vllm serve`` for the verifier alone,
    the draft at each k of ``server_k_values`` and vLLM's n-gram lookup, one at a time, driven
    over HTTP at concurrency 1 and a sweep; the fastest k at concurrency 1 is chosen and, when the
@@ -62,6 +63,8 @@ STEP_TIME_MARGIN = 1.3
 ONE_PASS_BATCH = 64
 #: Fewest training steps the quickstart will run, however small the budget.
 MIN_TRAIN_STEPS = 10
+#: The sampling temperature of the eval stage's second reference measurement.
+SAMPLED_TEMPERATURE = 1.0
 
 Echo = Callable[[str], None]
 
@@ -570,9 +573,23 @@ def _eval_stage(
         results.append(
             evaluate_reference(speculator, verifier, subset, eos=eos, baseline=False, **common)  # type: ignore[arg-type]
         )
+        # Chat users sample: the same prompts at temperature 1 (the default proposal method,
+        # vLLM's: argmax drafts, standard rejection sampling), seeded.
+        echo(f"[eval] reference decoder: the same {len(subset)} prompts at temperature 1")
+        sampled = evaluate_reference(
+            speculator,
+            verifier,
+            subset,
+            eos=eos,
+            baseline=False,
+            **{**common, "temperature": SAMPLED_TEMPERATURE},  # type: ignore[arg-type]
+        )
+        results.append({**sampled, "temperature": SAMPLED_TEMPERATURE})
     for r in results:
+        r.setdefault("temperature", 0.0)
         echo(
-            f"[eval] {r['engine']}: mean acceptance length {r['mean_acceptance_length']:.3f}, "
+            f"[eval] {r['engine']} (T={r['temperature']:g}): mean acceptance length "
+            f"{r['mean_acceptance_length']:.3f}, "
             f"per position {', '.join(f'{x:.2f}' for x in r['acceptance_rate_per_position'])}"
             + (f", speed-up {r['speedup']:.2f}x" if "speedup" in r else "")
         )

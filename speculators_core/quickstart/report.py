@@ -141,7 +141,9 @@ def write_report(
 
     curves = training_curves(run_dir)
     total = sum(float(s.get("seconds", 0.0)) for s in stages.values())
-    by_engine = {r["engine"]: r for r in results}
+    greedy = [r for r in results if not r.get("temperature")]
+    sampled = [r for r in results if r.get("temperature")]
+    by_engine = {r["engine"]: r for r in greedy}
     headline = by_engine.get("vllm") or by_engine.get("reference")
     report: dict[str, Any] = {
         "created": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -159,6 +161,11 @@ def write_report(
         "evaluation": results,
         "mean_acceptance_length": headline["mean_acceptance_length"] if headline else None,
         "measured_by": headline["engine"] if headline else None,
+        # tau when sampling at temperature 1 (reference decoder, the same prompts as its greedy
+        # measurement): None when not measured
+        "mean_acceptance_length_temperature_1": (
+            sampled[0]["mean_acceptance_length"] if sampled else None
+        ),
         **_speed(served),
         "serve_command": serve_command(
             speculator, host, k=int(served["chosen_k"]) if served else None
@@ -167,11 +174,15 @@ def write_report(
     with atomic_file(out / REPORT_NAME) as tmp:
         tmp.write_text(json.dumps(report, indent=2) + "\n")
     if results:
+
+        def label(r: dict[str, Any]) -> str:
+            return r["engine"] + (f" (T={r['temperature']:g})" if r.get("temperature") else "")
+
         plot_acceptance(
-            {r["engine"]: r["acceptance_rate_per_position"] for r in results},
+            {label(r): r["acceptance_rate_per_position"] for r in results},
             out / "acceptance.png",
-            title=f"held-out acceptance per draft position (k={settings.k}, greedy)",
-            mean_lengths={r["engine"]: r["mean_acceptance_length"] for r in results},
+            title=f"held-out acceptance per draft position (k={settings.k})",
+            mean_lengths={label(r): r["mean_acceptance_length"] for r in results},
         )
     plot_training(curves, out / "training.png", title=f"{settings.algorithm} training")
     return report

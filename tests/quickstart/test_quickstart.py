@@ -138,14 +138,21 @@ def test_quickstart_writes_a_served_draft_and_a_consistent_report(finished_run):
 
     # The evaluation: the reference decoder measured it (vLLM was switched off); the mean
     # acceptance length is one verified token plus the per-position acceptance rates.
-    (result,) = report["evaluation"]
+    result, sampled = report["evaluation"]
     assert report["measured_by"] == result["engine"] == "reference"
+    assert result["temperature"] == 0.0
     rates = result["acceptance_rate_per_position"]
     assert len(rates) == 3
     assert report["mean_acceptance_length"] == pytest.approx(1 + sum(rates), abs=1e-9)
     assert all(
         a >= b for a, b in itertools.pairwise(rates)
     )  # a chain: later positions need earlier
+    # ... and again at temperature 1 on the same prompts, reported beside the greedy figure.
+    assert sampled["engine"] == "reference" and sampled["temperature"] == 1.0
+    assert sampled["proposal"] == "greedy"
+    tau_sampled = 1 + sum(sampled["accepted_per_position"]) / sampled["rounds"]
+    assert report["mean_acceptance_length_temperature_1"] == pytest.approx(tau_sampled, abs=1e-9)
+    assert "at temperature 1 (reference decoder)" in stdout
 
     # The training curve is the metrics log, step for step.
     records = [
