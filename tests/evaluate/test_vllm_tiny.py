@@ -3,15 +3,16 @@
 The draft is fitted (seconds) to the verifier's own greedy continuations of the prompts, so
 vLLM must accept many of its tokens: that only happens if vLLM reads the draft as written
 (aux layer ids, ``d2t`` of a reduced vocabulary, ``norm_before_residual``). One worker process
-runs the verifier alone, with the draft, with the draft at batch size 1, and with the draft
-sampling at temperature 0.05 (vLLM's rejection sampler).
+runs the verifier alone, with the draft, with the draft at batch size 1, with the draft
+sampling at temperature 0.05 (vLLM's rejection sampler), and the same with the ``sampled``
+proposal method (speculators-proposals: ``draft_sample_method: probabilistic``) when installed.
 """
 
 from __future__ import annotations
 
 import pytest
 
-from speculators_core import PluginHost
+from speculators_core import PluginHost, get_host
 from speculators_core.check import check_checkpoint
 from speculators_core.evaluate.vllm_env import vllm_available
 from speculators_core.evaluate.vllm_runner import VllmJob, VllmResult, run_vllm_jobs
@@ -48,16 +49,23 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
         max_model_len=256,
         host=PluginHost(),  # the installed plugins: the eagle3 record says how vLLM serves it
     )
-    baseline, speculative, batch1, sampled = run_vllm_jobs(
-        [
-            VllmJob(draft=None, **common),
-            VllmJob(draft=root / "draft", **common),
-            VllmJob(draft=root / "draft", batch_size=1, **common),
-            # The tiny verifier is nearly uniform at usual temperatures (top probability ~0.05 at
-            # 0.8), so sampled text would leave the fitted path at once; at 0.05 it is peaked.
-            VllmJob(draft=root / "draft", temperature=0.05, seed=1, **common),
-        ]
-    )
+    methods = get_host().proposal_methods()
+    probabilistic = methods.get("sampled")  # speculators-proposals, when installed
+    jobs = [
+        VllmJob(draft=None, **common),
+        VllmJob(draft=root / "draft", **common),
+        VllmJob(draft=root / "draft", batch_size=1, **common),
+        # The tiny verifier is nearly uniform at usual temperatures (top probability ~0.05 at
+        # 0.8), so sampled text would leave the fitted path at once; at 0.05 it is peaked.
+        VllmJob(draft=root / "draft", temperature=0.05, seed=1, **common),
+    ]
+    if probabilistic is not None:
+        jobs.append(
+            VllmJob(
+                draft=root / "draft", temperature=0.05, seed=1, proposal=probabilistic, **common
+            )
+        )
+    baseline, speculative, batch1, sampled, *rest = run_vllm_jobs(jobs)
     return {
         "verifier": verifier,
         "draft": root / "draft",
@@ -69,6 +77,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
         "speculative": speculative,
         "batch1": batch1,
         "sampled": sampled,
+        "probabilistic": rest[0] if rest else None,
         "eos": fitted["tokenizer"].eos_token_id,
     }
 
@@ -94,9 +103,11 @@ def test_baseline_has_no_draft_counters(setup):
     assert base.mean_acceptance_length == 1.0 and base.k == 0
 
 
-@pytest.mark.parametrize("which", ["speculative", "batch1", "sampled"])
+@pytest.mark.parametrize("which", ["speculative", "batch1", "sampled", "probabilistic"])
 def test_counters_are_consistent(setup, which):
-    result: VllmResult = setup[which]
+    result: VllmResult | None = setup[which]
+    if result is None:
+        pytest.skip("speculators-proposals is not installed (no 'sampled' proposal method)")
     generated = sum(len(o) for o in result.outputs)
     assert generated == len(setup["prompts"]) * NEW_TOKENS
     assert result.num_draft_tokens == K * result.num_drafts

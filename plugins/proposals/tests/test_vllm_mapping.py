@@ -1,0 +1,60 @@
+"""What each proposal method asks of vLLM: the speculative_config keys a job sends, and the
+refusals (before any engine starts)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from speculators_core import PluginHost, get_host
+from speculators_core.evaluate.vllm_runner import VllmError, VllmJob, _job_request, proposal_config
+
+
+@pytest.fixture(scope="module")
+def draft(tiny_verifier: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    eagle3 = pytest.importorskip("speculators_eagle3")
+    folder = tmp_path_factory.mktemp("draft") / "eagle3"
+    eagle3.Eagle3DraftModel.from_verifier(tiny_verifier, aux_layer_ids=[1, 2, 3]).save_pretrained(
+        folder
+    )
+    return folder
+
+
+@pytest.mark.parametrize(
+    "name, device, keys",
+    [
+        ("greedy", "cpu", {}),
+        ("sampled", "cpu", {"draft_sample_method": "probabilistic"}),
+        ("sampled", "gpu", {"draft_sample_method": "probabilistic"}),
+        (
+            "block",
+            "gpu",
+            {"draft_sample_method": "probabilistic", "rejection_sample_method": "block"},
+        ),
+    ],
+)
+def test_a_job_sends_the_methods_keys(
+    name: str, device: str, keys: dict, draft: Path, tiny_verifier: Path
+) -> None:
+    method = get_host().proposal_method(name)
+    job = VllmJob(
+        verifier=tiny_verifier, draft=draft, prompts=[[1, 2]], k=2, max_new_tokens=4,
+        host=PluginHost(), proposal=method,
+    )  # fmt: skip
+    config = _job_request(job, device)["engine"]["speculative_config"]
+    assert config["method"] == "eagle3" and config["num_speculative_tokens"] == 2
+    assert {k: config[k] for k in keys} == keys
+    assert not {"draft_sample_method", "rejection_sample_method"} - set(keys) & set(config)
+
+
+def test_block_is_refused_on_a_cpu_and_a_method_without_vllm_everywhere() -> None:
+    block = get_host().proposal_method("block")
+    with pytest.raises(VllmError, match=r"not served by vLLM for CPU: .*rejection_sampler\.py"):
+        proposal_config(block, "cpu")
+    from dataclasses import replace
+
+    nowhere = replace(block, name="tree-like", vllm=None)
+    for device in ("cpu", "gpu"):
+        with pytest.raises(VllmError, match="'tree-like' has no vLLM equivalent"):
+            proposal_config(nowhere, device)
