@@ -96,6 +96,7 @@ def build_serve_command(
     extra_args: Sequence[str] = (),
     device: str | None = None,
     base_env: Mapping[str, str] | None = None,
+    proposal: str | None = None,
 ) -> ServeCommand:
     """The ``vllm serve`` command (and environment) that serves ``speculator``.
 
@@ -103,10 +104,11 @@ def build_serve_command(
     serves it (``Algorithm.vllm``). ``verifier`` replaces the verifier recorded in the folder;
     ``k`` the recorded ``speculative_tokens``. ``host`` and ``port`` are where vLLM listens.
     ``extra_args`` are passed to ``vllm serve`` unchanged, after the ones built here (so they
-    win where vLLM takes the last value).
+    win where vLLM takes the last value). ``proposal`` names a proposal method whose
+    ``speculative_config`` keys are added (one vLLM cannot serve on ``device`` is refused).
     """
     from speculators_core.evaluate.vllm_env import detect_device, vllm_env
-    from speculators_core.evaluate.vllm_runner import speculative_config
+    from speculators_core.evaluate.vllm_runner import proposal_config, speculative_config
 
     folder = Path(speculator)
     config_file = folder / "config.json"
@@ -151,13 +153,16 @@ def build_serve_command(
         raise SpeculatorsError(f"--k must be at least 1, got {k}")
 
     model = str(Path(verifier).resolve()) if Path(verifier).exists() else verifier
-    speculative = speculative_config(folder, k, host=plugin_host)
+    where = detect_device(device)
+    speculative = {
+        **speculative_config(folder, k, host=plugin_host),
+        **proposal_config(plugin_host.proposal_method(proposal) if proposal else None, where),
+    }
     argv = [*_vllm_executable(), "serve", model, "--speculative-config", json.dumps(speculative)]
     if host is not None:
         argv += ["--host", host]
     if port is not None:
         argv += ["--port", str(port)]
-    where = detect_device(device)
     if where == "cpu":
         if not _has_option(extra_args, "--dtype"):
             argv += ["--dtype", "float32"]
@@ -199,6 +204,12 @@ def _refuse_unservable(folder: Path, plugin_host: PluginHost) -> None:
     show_default=True,
     help="Where vLLM runs; 'cpu' adds the CPU settings (ASSETS.md).",
 )
+@click.option(
+    "--proposal",
+    default=None,
+    help="Proposal method for sampled requests (greedy: vLLM's default; speculators-proposals "
+    "adds sampled, i.e. draft_sample_method probabilistic).",
+)
 @click.option("--print-only", is_flag=True, help="Print the command instead of running it.")
 @click.option(
     "--no-check", is_flag=True, help="Skip 'speculators check' of the folder before serving."
@@ -211,6 +222,7 @@ def serve_command(
     host: str | None,
     port: int | None,
     device: str,
+    proposal: str | None,
     print_only: bool,
     no_check: bool,
     vllm_args: tuple[str, ...],
@@ -251,6 +263,7 @@ def serve_command(
         port=port,
         extra_args=vllm_args,
         device=None if device == "auto" else device,
+        proposal=proposal,
     )
     if print_only or not vllm_available():
         if not print_only:

@@ -58,3 +58,46 @@ def test_block_is_refused_on_a_cpu_and_a_method_without_vllm_everywhere() -> Non
     for device in ("cpu", "gpu"):
         with pytest.raises(VllmError, match="'tree-like' has no vLLM equivalent"):
             proposal_config(nowhere, device)
+
+
+def test_serve_adds_the_methods_keys_and_refuses_block_on_a_cpu(draft: Path) -> None:
+    import json
+    import shlex
+
+    import speculators_proposals.plugin as proposals_plugin
+    from click.testing import CliRunner
+
+    from speculators_core import PluginSettings
+    from speculators_core.cli.serve import serve_command
+
+    eagle3 = pytest.importorskip("speculators_eagle3.plugin")
+    host = PluginHost(
+        PluginSettings(),
+        entry_points=False,
+        plugins=[
+            ("speculators.algorithms:eagle3", eagle3),
+            ("speculators.plugins:proposals", proposals_plugin),
+        ],
+    )
+    runner = CliRunner()
+    args = [str(draft), "--print-only", "--no-check", "--k", "2"]
+    sampled = runner.invoke(
+        serve_command, [*args, "--device", "cpu", "--proposal", "sampled"], obj=host
+    )
+    assert sampled.exit_code == 0, sampled.output
+    argv = shlex.split(sampled.stdout.strip().splitlines()[-1])
+    config = json.loads(argv[argv.index("--speculative-config") + 1])
+    assert (
+        config["draft_sample_method"] == "probabilistic" and config["num_speculative_tokens"] == 2
+    )
+    block = runner.invoke(
+        serve_command, [*args, "--device", "cpu", "--proposal", "block"], obj=host
+    )
+    assert block.exit_code == 1 and "not served by vLLM for CPU" in str(block.exception)
+    on_gpu = runner.invoke(
+        serve_command, [*args, "--device", "gpu", "--proposal", "block"], obj=host
+    )
+    assert on_gpu.exit_code == 0, on_gpu.output
+    argv = shlex.split(on_gpu.stdout.strip().splitlines()[-1])
+    config = json.loads(argv[argv.index("--speculative-config") + 1])
+    assert config["rejection_sample_method"] == "block"
