@@ -23,6 +23,7 @@ import torch
 __all__ = [
     "CHATML_TEMPLATE",
     "TINY_CORPUS",
+    "chi_square_p_value",
     "evaluation_metrics",
     "make_tiny_tokenizer",
     "make_tiny_verifier",
@@ -53,6 +54,25 @@ TINY_CORPUS = [
     "A function returns a value; a loop repeats; a variable names a value for later use.",
     "The quick brown fox jumps over the lazy dog while the cat sleeps in the sun.",
 ] * 8
+
+
+def chi_square_p_value(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    """Pearson's chi-square goodness of fit of ``counts`` to ``probs`` (same length): the
+    p-value, with the cells expecting fewer than 5 observations pooled into one.
+
+    For losslessness tests of sampled decoding (no scipy needed: the upper regularized incomplete
+    gamma function is the chi-square survival function).
+    """
+    expected = probs.double() * counts.sum()
+    observed = counts.double()
+    big = expected >= 5
+    observed = torch.cat([observed[big], observed[~big].sum().reshape(1)])
+    expected = torch.cat([expected[big], expected[~big].sum().reshape(1)])
+    keep = expected > 0
+    observed, expected = observed[keep], expected[keep]
+    statistic = float(((observed - expected) ** 2 / expected).sum())
+    dof = int(observed.numel()) - 1
+    return float(torch.special.gammaincc(torch.tensor(dof / 2.0), torch.tensor(statistic / 2.0)))
 
 
 def make_tiny_tokenizer(vocab_size: int = 256) -> Any:

@@ -8,6 +8,7 @@ from speculators_fixture_good.plugin import FixtureMlpSpeculator
 
 from speculators_core import DraftProposal, HiddenStateSpec
 from speculators_core.evaluate import DecodeStats, ReferenceDecoder, accept_sampled
+from speculators_core.testing import chi_square_p_value
 
 
 @pytest.fixture(scope="module")
@@ -111,22 +112,6 @@ def test_generation_stops_after_end_of_sequence(verifier):
     assert result.tokens == expected[: stop + 1]
 
 
-def _chi_square_p_value(observed: torch.Tensor, expected_probs: torch.Tensor) -> float:
-    """Pearson chi-square goodness of fit, bins with small expectation merged."""
-    n = observed.sum()
-    expected = expected_probs.double() * n
-    order = torch.argsort(expected, descending=True)
-    obs, exp = observed.double()[order], expected[order]
-    big = exp >= 5
-    obs = torch.cat([obs[big], obs[~big].sum().reshape(1)])
-    exp = torch.cat([exp[big], exp[~big].sum().reshape(1)])
-    keep = exp > 0
-    obs, exp = obs[keep], exp[keep]
-    stat = float(((obs - exp) ** 2 / exp).sum())
-    dof = int(obs.numel()) - 1
-    return float(torch.special.gammaincc(torch.tensor(dof / 2.0), torch.tensor(stat / 2.0)))
-
-
 def test_rejection_step_emits_the_target_distribution():
     """The first emitted token of a round is distributed as p_0, whatever q is."""
     gen = torch.Generator().manual_seed(0)
@@ -141,7 +126,7 @@ def test_rejection_step_emits_the_target_distribution():
         accepted_total += accepted
         first = int(drafted[0]) if accepted > 0 else token
         counts[first] += 1
-    assert _chi_square_p_value(counts, p[0]) > 1e-3
+    assert chi_square_p_value(counts, p[0]) > 1e-3
     # The acceptance probability of the first token is sum_x min(p, q) (Leviathan et al.).
     assert accepted_total > 0
 
@@ -177,9 +162,9 @@ def test_sampled_decoding_keeps_the_verifier_distribution(verifier, tiny_verifie
             PROMPT, max_new_tokens=2, temperature=temperature, generator=gen
         ).tokens
         counts[tokens[1]] += 1
-    assert _chi_square_p_value(counts, exact_second) > 1e-3
+    assert chi_square_p_value(counts, exact_second) > 1e-3
     # Power check: the draft's own (very different) distribution is rejected by the same test.
-    assert _chi_square_p_value(counts, torch.full((vocab,), 1.0 / vocab)) < 1e-3
+    assert chi_square_p_value(counts, torch.full((vocab,), 1.0 / vocab)) < 1e-3
 
 
 def test_stats_merge_and_derived_rates():

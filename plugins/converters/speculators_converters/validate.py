@@ -173,6 +173,14 @@ def _mlp(
     return _linear(fn(gate) * up, get, f"{prefix}.down_proj", has)
 
 
+def _post_attention_mlp(
+    h: torch.Tensor, get: Getter, has: Callable[[str], bool], layer: str, dims: LayerDims
+) -> torch.Tensor:
+    """A decoder layer's MLP on its post-attention-normed residual (the residual not added)."""
+    normed = _rms_norm(h, get(f"{layer}.post_attention_layernorm.weight"), dims.rms_norm_eps)
+    return _mlp(normed, get, has, f"{layer}.mlp", dims.hidden_act)
+
+
 # ------------------------------------------------------------------------------------------------
 # The sources' forwards
 # ------------------------------------------------------------------------------------------------
@@ -211,13 +219,7 @@ def eagle1_reference(
     g = _linear(torch.cat([e, features], dim=-1), get, fc, has)
     attn_in = _rms_norm(g, get(input_norm), eps) if input_norm is not None else g
     h = g + _attention(attn_in, get, has, f"{layer}.self_attn", dims)
-    h = h + _mlp(
-        _rms_norm(h, get(f"{layer}.post_attention_layernorm.weight"), eps),
-        get,
-        has,
-        f"{layer}.mlp",
-        dims.hidden_act,
-    )
+    h = h + _post_attention_mlp(h, get, has, layer, dims)
     if lm_head_norm is not None:
         h = _rms_norm(h, get(lm_head_norm), eps)
     return h @ lm_head.T
@@ -253,13 +255,7 @@ def eagle3_reference(
     h = (u if norm_before_residual else g) + _attention(
         torch.cat([e, u], dim=-1), get, has, f"{first}.self_attn", dims
     )
-    h = h + _mlp(
-        _rms_norm(h, get(f"{first}.post_attention_layernorm.weight"), eps),
-        get,
-        has,
-        f"{first}.mlp",
-        dims.hidden_act,
-    )
+    h = h + _post_attention_mlp(h, get, has, first, dims)
     for prefix in layers[1:]:
         h = h + _attention(
             _rms_norm(h, get(f"{prefix}.input_layernorm.weight"), eps),
@@ -268,13 +264,7 @@ def eagle3_reference(
             f"{prefix}.self_attn",
             dims,
         )
-        h = h + _mlp(
-            _rms_norm(h, get(f"{prefix}.post_attention_layernorm.weight"), eps),
-            get,
-            has,
-            f"{prefix}.mlp",
-            dims.hidden_act,
-        )
+        h = h + _post_attention_mlp(h, get, has, prefix, dims)
     draft_logits = _rms_norm(h, get("norm.weight"), eps) @ get("lm_head.weight").T  # [B, T, Vd]
     draft_vocab = draft_logits.shape[-1]
     target_ids = torch.arange(draft_vocab)
@@ -368,13 +358,7 @@ def dflash_reference(
                     causal_block=causal_block,
                     window=window,
                 )
-                h = h + _mlp(
-                    _rms_norm(h, get(f"{prefix}.post_attention_layernorm.weight"), eps),
-                    get,
-                    has,
-                    f"{prefix}.mlp",
-                    dims.hidden_act,
-                )
+                h = h + _post_attention_mlp(h, get, has, prefix, dims)
             draft_logits[b, t] = _rms_norm(h[1], get("norm.weight"), eps) @ lm_head.T
     target_ids = torch.arange(lm_head.shape[0])
     if has("d2t"):

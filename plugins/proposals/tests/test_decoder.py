@@ -8,11 +8,12 @@ from typing import Any
 
 import pytest
 import torch
-from proposal_stats import ALPHA, chi_square_p_value
 
 from speculators_core import PluginHost, PluginSettings, get_host
 from speculators_core.evaluate import ReferenceDecoder
+from speculators_core.testing import chi_square_p_value
 
+ALPHA = 1e-3  # significance of the chi-square tests
 METHODS = ["greedy", "sampled", "block"]
 PROMPT = [5, 17, 42, 9, 101]
 

@@ -8,25 +8,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import speculators_proposals.plugin as proposals_plugin
 import torch
 from click.testing import CliRunner
 
-from speculators_core import PluginHost, PluginSettings
+from speculators_core import PluginHost
 from speculators_core.cli.eval_cmd import eval_command
 
 
 @pytest.fixture(scope="module")
-def host() -> PluginHost:
-    eagle3 = pytest.importorskip("speculators_eagle3.plugin")
-    return PluginHost(
-        PluginSettings(),
-        entry_points=False,
-        plugins=[
-            ("speculators.algorithms:eagle3", eagle3),
-            ("speculators.plugins:proposals", proposals_plugin),
-        ],
-    )
+def host(proposals_host: PluginHost) -> PluginHost:
+    return proposals_host
 
 
 @pytest.fixture(scope="module")

@@ -16,12 +16,13 @@ from functools import cache
 
 import pytest
 import torch
-from proposal_stats import ALPHA, chi_square_p_value
 from speculators_proposals import block_rule
 
 from speculators_core.proposals import one_hot_rows, standard_rule
+from speculators_core.testing import chi_square_p_value
 
 VOCAB, K, SAMPLES = 4, 3, 12000
+ALPHA = 1e-3  # significance of every chi-square test here
 
 
 @cache

@@ -60,25 +60,17 @@ def test_block_is_refused_on_a_cpu_and_a_method_without_vllm_everywhere() -> Non
             proposal_config(nowhere, device)
 
 
-def test_serve_adds_the_methods_keys_and_refuses_block_on_a_cpu(draft: Path) -> None:
+def test_serve_adds_the_methods_keys_and_refuses_block_on_a_cpu(
+    draft: Path, proposals_host: PluginHost
+) -> None:
     import json
     import shlex
 
-    import speculators_proposals.plugin as proposals_plugin
     from click.testing import CliRunner
 
-    from speculators_core import PluginSettings
     from speculators_core.cli.serve import serve_command
 
-    eagle3 = pytest.importorskip("speculators_eagle3.plugin")
-    host = PluginHost(
-        PluginSettings(),
-        entry_points=False,
-        plugins=[
-            ("speculators.algorithms:eagle3", eagle3),
-            ("speculators.plugins:proposals", proposals_plugin),
-        ],
-    )
+    host = proposals_host
     runner = CliRunner()
     args = [str(draft), "--print-only", "--no-check", "--k", "2"]
     sampled = runner.invoke(
