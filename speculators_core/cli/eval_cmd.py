@@ -61,6 +61,16 @@ def _print_table(reports: list[dict[str, Any]]) -> None:
         click.echo(line)
 
 
+def _recorded_proposal(draft: Path) -> str:
+    """The draft's ``default_proposal_method`` (``greedy`` when it records none)."""
+    try:
+        spec = json.loads((draft / "config.json").read_text()).get("speculators_config") or {}
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return "greedy"
+    name = spec.get("default_proposal_method") if isinstance(spec, dict) else None
+    return name if isinstance(name, str) and name else "greedy"
+
+
 @click.command("eval")
 @click.argument("draft", type=click.Path(path_type=Path))
 @click.option(
@@ -122,11 +132,11 @@ def _print_table(reports: list[dict[str, Any]]) -> None:
 )
 @click.option(
     "--proposal",
-    default="greedy",
-    show_default=True,
+    default=None,
     help="Proposal method: how the draft proposes and the verifier accepts at --temperature > 0 "
-    "(greedy: argmax drafts, standard rejection sampling; speculators-proposals adds sampled "
-    "and block). 'speculators plugins' lists the installed ones.",
+    "(default: the one the draft records, else greedy: argmax drafts, standard rejection "
+    "sampling; speculators-proposals adds sampled and block). 'speculators plugins' lists the "
+    "installed ones.",
 )
 @click.option(
     "--max-new-tokens", default=128, show_default=True, help="Tokens to generate per prompt."
@@ -161,7 +171,7 @@ def eval_command(
     write_k: bool,
     k: int,
     temperature: float,
-    proposal: str,
+    proposal: str | None,
     max_new_tokens: int,
     max_prompt_tokens: int,
     seed: int,
@@ -185,6 +195,8 @@ def eval_command(
     verifier_dir = resolve_verifier(draft, verifier)
     if temperature < 0:
         raise SpeculatorsError(f"--temperature must be >= 0, got {temperature}")
+    if proposal is None:
+        proposal = _recorded_proposal(draft)
     method = command_host().proposal_method(proposal)  # an unknown name stops here
     if engine == "vllm-server":
         if proposal != "greedy":

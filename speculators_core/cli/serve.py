@@ -105,7 +105,8 @@ def build_serve_command(
     ``k`` the recorded ``speculative_tokens``. ``host`` and ``port`` are where vLLM listens.
     ``extra_args`` are passed to ``vllm serve`` unchanged, after the ones built here (so they
     win where vLLM takes the last value). ``proposal`` names a proposal method whose
-    ``speculative_config`` keys are added (one vLLM cannot serve on ``device`` is refused).
+    ``speculative_config`` keys are added (one vLLM cannot serve on ``device`` is refused);
+    default: the folder's ``default_proposal_method``.
     """
     from speculators_core.evaluate.vllm_env import detect_device, vllm_env
     from speculators_core.evaluate.vllm_runner import proposal_config, speculative_config
@@ -154,6 +155,9 @@ def build_serve_command(
 
     model = str(Path(verifier).resolve()) if Path(verifier).exists() else verifier
     where = detect_device(device)
+    if proposal is None:  # the folder's own default method (greedy adds nothing)
+        recorded_method = spec.get("default_proposal_method")
+        proposal = recorded_method if isinstance(recorded_method, str) else None
     speculative = {
         **speculative_config(folder, k, host=plugin_host),
         **proposal_config(plugin_host.proposal_method(proposal) if proposal else None, where),
@@ -207,8 +211,9 @@ def _refuse_unservable(folder: Path, plugin_host: PluginHost) -> None:
 @click.option(
     "--proposal",
     default=None,
-    help="Proposal method for sampled requests (greedy: vLLM's default; speculators-proposals "
-    "adds sampled, i.e. draft_sample_method probabilistic).",
+    help="Proposal method for sampled requests (default: the one the speculator records; greedy "
+    "is vLLM's default, speculators-proposals adds sampled, i.e. draft_sample_method "
+    "probabilistic).",
 )
 @click.option("--print-only", is_flag=True, help="Print the command instead of running it.")
 @click.option(

@@ -93,3 +93,62 @@ def test_serve_adds_the_methods_keys_and_refuses_block_on_a_cpu(
     argv = shlex.split(on_gpu.stdout.strip().splitlines()[-1])
     config = json.loads(argv[argv.index("--speculative-config") + 1])
     assert config["rejection_sample_method"] == "block"
+
+
+def test_a_draft_recording_a_method_is_served_and_evaluated_with_it(
+    tiny_verifier: Path, proposals_host: PluginHost, tmp_path: Path
+) -> None:
+    """``proposal_methods: [sampled]`` round-trips (extra fields too), passes check, and is what
+    ``serve`` and ``eval`` use when no --proposal is given."""
+    import json
+    import shlex
+
+    from click.testing import CliRunner
+    from speculators_eagle3 import Eagle3DraftModel
+    from speculators_proposals import SampledTokenProposalConfig
+
+    from speculators_core import SpeculatorsConfig, load_speculator
+    from speculators_core.check import check_checkpoint
+    from speculators_core.cli.eval_cmd import eval_command
+    from speculators_core.cli.serve import serve_command
+
+    model = Eagle3DraftModel.from_verifier(tiny_verifier, aux_layer_ids=[1, 2, 3])
+    recorded = model.config.speculators_config
+    model.config.speculators_config = SpeculatorsConfig(
+        algorithm=recorded.algorithm,
+        proposal_methods=[SampledTokenProposalConfig(speculative_tokens=2, note="kept")],
+        default_proposal_method="sampled",
+        verifier=recorded.verifier,
+    )
+    folder = tmp_path / "draft"
+    model.save_pretrained(folder)
+    stored = json.loads((folder / "config.json").read_text())["speculators_config"]
+    assert stored["proposal_methods"] == [
+        {"proposal_type": "sampled", "speculative_tokens": 2, "note": "kept"}
+    ]
+    loaded = load_speculator(folder, host=proposals_host, verifier=tiny_verifier)
+    assert loaded.config.speculators_config.proposal_methods[0].note == "kept"
+    assert check_checkpoint(folder, host=proposals_host).findings == []
+
+    served = CliRunner().invoke(
+        serve_command, [str(folder), "--print-only", "--no-check", "--device", "cpu"],
+        obj=proposals_host,
+    )  # fmt: skip
+    assert served.exit_code == 0, served.output
+    argv = shlex.split(served.stdout.strip().splitlines()[-1])
+    config = json.loads(argv[argv.index("--speculative-config") + 1])
+    assert (
+        config["draft_sample_method"] == "probabilistic" and config["num_speculative_tokens"] == 2
+    )
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "Name a colour."}) + "\n")
+    evaluated = CliRunner().invoke(
+        eval_command,
+        [str(folder), "--prompts", str(prompts), "--num-prompts", "1", "-k", "2",
+         "--max-new-tokens", "4", "--temperature", "1", "--output", str(tmp_path / "eval")],
+        obj=proposals_host,
+    )  # fmt: skip
+    assert evaluated.exit_code == 0, evaluated.output
+    report = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert report["proposal"] == "sampled" and report["results"][0]["proposal"] == "sampled"
