@@ -160,14 +160,24 @@ class _HeaderError(Exception):
 
 
 def read_safetensors_header(path: str | os.PathLike[str]) -> dict[str, TensorInfo]:
-    """The tensors listed in a safetensors file's header (no data read; dtypes as named)."""
+    """The tensors listed in a safetensors file's header (no data read; dtypes as named).
+
+    A file shorter than its header says (cut off) is refused like an unreadable header.
+    """
     from speculators_core.errors import ConversionError
     from speculators_core.safetensors_io import parse_header
 
     try:
-        _, entries = parse_header(path)
+        data_start, entries = parse_header(path)
     except ConversionError as err:
         raise _HeaderError(str(err)) from None
+    size = Path(path).stat().st_size
+    for name, e in entries.items():
+        if data_start + e.end > size:  # a cut-off download or copy: the header is intact
+            raise _HeaderError(
+                f"'{path}' is truncated: tensor '{name}' ends at byte {data_start + e.end} but "
+                f"the file has {size} bytes; re-download or re-save it"
+            )
     return {
         name: TensorInfo(
             name=name, dtype=e.dtype, shape=e.shape, file=Path(path), offsets=(e.begin, e.end)

@@ -145,10 +145,23 @@ def load_speculator(
     resolved = _host(host)
     config = load_config(path, host=resolved)
     model_class = resolved.algorithm(config.speculators_model_type).model_class
+    _check_weight_files(path)
     return typing.cast(
         SpeculatorModel,
         model_class.from_pretrained(path, config=config, verifier=verifier, **kwargs),
     )
+
+
+def _check_weight_files(folder: Path) -> None:
+    """One line naming the file for a cut-off or unreadable safetensors file (safetensors'
+    own error names neither the file nor the fix)."""
+    from speculators_core.lint import read_safetensors_header
+
+    for file in sorted(folder.glob("*.safetensors")):
+        try:
+            read_safetensors_header(file)
+        except Exception as err:  # the header reader's own one-line message
+            raise SpeculatorsError(str(err)) from None
 
 
 # ------------------------------------------------------------------------------------------------

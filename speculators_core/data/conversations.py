@@ -198,8 +198,18 @@ def _is_saved_dataset(path: Path) -> bool:
     return (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()
 
 
+def _not_utf8(path: Path, err: UnicodeDecodeError, where: str) -> DataSourceError:
+    return DataSourceError(
+        f"data file '{path}' is not UTF-8 text ({where}: byte 0x{err.object[err.start]:02x} "
+        f"cannot be decoded); convert it, e.g. 'iconv -f latin1 -t utf-8 {path.name}'"
+    )
+
+
 def _read_json_file(path: Path) -> Iterator[Any]:
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise _not_utf8(path, err, f"at byte {err.start}") from None
     if not text.strip():
         raise DataSourceError(f"data file '{path}' is empty; give a file with chat records")
     try:
@@ -222,8 +232,12 @@ def _read_json_file(path: Path) -> Iterator[Any]:
 
 def _read_jsonl_file(path: Path) -> Iterator[Any]:
     seen_any = False
-    with path.open(encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, start=1):
+    with path.open("rb") as handle:
+        for lineno, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise _not_utf8(path, err, f"line {lineno}") from None
             if not line.strip():
                 continue
             try:

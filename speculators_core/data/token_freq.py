@@ -177,16 +177,20 @@ def build_draft_vocab(
     arrays, recorded_vocab, num_samples = token_arrays(data)
     vocab = target_vocab_size or recorded_vocab
     counts = count_token_frequencies(arrays, vocab)
+    mapping = None
+    if draft_vocab_size is not None:
+        # Before anything is written: a refused size leaves no output behind.
+        try:
+            mapping = build_vocab_mapping(counts, draft_vocab_size, vocab)
+        except ValueError as err:
+            raise DataSourceError(f"{err}; choose --draft-vocab-size accordingly") from None
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     save_token_counts(out / TOKEN_FREQ_NAME, counts, source=str(Path(data).resolve()))
     written = [out / TOKEN_FREQ_NAME]
     notes = [f"{int((counts > 0).sum()):,} distinct tokens"]
-    if draft_vocab_size is not None:
-        try:
-            d2t, t2d = build_vocab_mapping(counts, draft_vocab_size, vocab)
-        except ValueError as err:
-            raise DataSourceError(f"{err}; choose --draft-vocab-size accordingly") from None
+    if draft_vocab_size is not None and mapping is not None:
+        d2t, t2d = mapping
         _save_npy(out / D2T_NAME, d2t.numpy())
         _save_npy(out / T2D_NAME, t2d.numpy())
         written += [out / D2T_NAME, out / T2D_NAME]

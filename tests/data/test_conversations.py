@@ -122,12 +122,21 @@ def test_shuffle_is_a_seeded_permutation(chat_file: Path):
         ("bad.json", "[{]", "is not valid JSON"),
         ("scalar.json", "42", "holds a JSON int"),
         ("data.csv", "a,b", "unsupported extension '.csv'"),
+        # Latin-1 bytes (0xe9 is é): not UTF-8; named with the line, not a bare UnicodeDecodeError
+        ("latin1.jsonl", b'{"messages": []}\n{"messages": "caf\xe9"}\n', "line 2: byte 0xe9"),
+        ("latin1.json", b'[{"messages": "caf\xe9"}]', "is not UTF-8 text (at byte 18"),
     ],
 )
-def test_broken_files_fail_with_one_line(tmp_path: Path, name: str, content: str, message: str):
-    """Malformed JSON lines, empty files, wrong types: one line naming the file (and line)."""
+def test_broken_files_fail_with_one_line(
+    tmp_path: Path, name: str, content: str | bytes, message: str
+):
+    """Malformed JSON lines, empty files, wrong types, other encodings: one line naming the file
+    (and line)."""
     path = tmp_path / name
-    path.write_text(content)
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content)
     with pytest.raises(DataSourceError) as info:
         load_conversations(path)
     text = str(info.value)

@@ -84,6 +84,7 @@ def test_bad_vocab_inputs(prepared: Path, tmp_path: Path):
     """Too large a draft vocab, a non-data folder, a missing counts file: one line each."""
     with pytest.raises(DataSourceError, match="must be between 1 and the verifier vocab size"):
         build_draft_vocab(data=prepared, output=tmp_path / "v", draft_vocab_size=10**6)
+    assert not (tmp_path / "v").exists()  # refused before anything (token_freq.json) is written
     with pytest.raises(DataSourceError, match="does not exist"):
         build_draft_vocab(data=tmp_path / "nothing", output=tmp_path / "v")
     with pytest.raises(DataSourceError, match="do not exist"):

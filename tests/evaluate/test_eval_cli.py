@@ -72,3 +72,28 @@ def test_eval_bad_inputs_are_one_line(tmp_path, tiny_verifier, fixture_host):
         and "prompt file" in str(bad.exception)
         and "does not exist" in str(bad.exception)
     )
+
+
+def test_a_cut_off_weights_file_is_named_by_eval_and_check(tmp_path, tiny_verifier, fixture_host):
+    """A truncated model.safetensors (an interrupted copy) gives one line naming the file and
+    the fix, from eval and from check, not safetensors' bare SafetensorError."""
+    from speculators_core.check import check_checkpoint
+
+    torch.manual_seed(0)
+    FixtureMlpSpeculator.from_verifier(tiny_verifier).save_pretrained(tmp_path / "draft")
+    weights = tmp_path / "draft" / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) - 100])
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "hi"}) + "\n")
+    result = CliRunner().invoke(
+        eval_command,
+        [str(tmp_path / "draft"), "--prompts", str(prompts), "--num-prompts", "1",
+         "--max-new-tokens", "2", "--no-baseline"],
+        obj=fixture_host,
+    )  # fmt: skip
+    message = str(result.exception)
+    assert result.exit_code == 1 and str(weights) in message and "is truncated" in message
+    assert "re-download or re-save" in message and "\n" not in message
+    findings = check_checkpoint(tmp_path / "draft", host=fixture_host).findings
+    assert any("is truncated" in str(f) for f in findings), [str(f) for f in findings]

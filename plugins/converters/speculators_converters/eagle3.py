@@ -82,7 +82,17 @@ def detect_speculators_eagle3(folder: Path, config: dict[str, Any]) -> bool:
 
 def _aux_ids(value: Any, info: VerifierInfo, where: str) -> list[int]:
     if value is None:
-        return default_aux_layer_ids(info.num_layers)
+        ids = default_aux_layer_ids(info.num_layers)
+        if len(set(ids)) != len(ids) or min(ids) < 0:
+            # vLLM 0.32 collects sorted(set(ids)) (vllm/model_executor/models/interfaces.py,
+            # _set_aux_hidden_state_layers): a repeated id yields fewer states than fc reads.
+            raise ConversionError(
+                f"{where}: the default aux ids [2, N//2, N-3] are {ids} for verifier "
+                f"'{info.folder}' ({info.num_layers} layers), which vLLM cannot serve (it "
+                "collects each layer once, so fc would get fewer states than it reads); pass the "
+                "ids the draft was trained on: --set eagle_aux_hidden_state_layer_ids=[...]"
+            )
+        return ids
     if not isinstance(value, list) or not all(isinstance(v, int) for v in value):
         raise ConversionError(
             f"{where}: eagle_aux_hidden_state_layer_ids must be a list of integers, got {value!r}"

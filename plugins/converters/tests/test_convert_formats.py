@@ -268,3 +268,32 @@ def test_legacy_eagle_num_layers_is_normalized(tmp_path: Path, tiny_verifier: Pa
     assert config["transformer_layer_config"]["num_hidden_layers"] == 1
     assert config["transformer_layer_architecture"] == "LlamaDecoderLayer"
     assert config["speculators_config"]["proposal_methods"][0]["speculative_tokens"] == 5
+
+
+def test_a_few_layer_verifier_without_recorded_ids_is_refused_with_the_fix(
+    tmp_path: Path,
+) -> None:
+    """For a 4-layer verifier the default [2, N//2, N-3] is [2, 2, 1]; vLLM collects each layer
+    once (sorted(set(ids))), so fc would read fewer states than it has: refused in one line that
+    names the option to pass, and with the ids given the conversion goes through."""
+    from speculators_core.errors import ConversionError
+    from speculators_core.testing import make_tiny_verifier
+
+    verifier = make_tiny_verifier(tmp_path / "v4", num_layers=4, num_heads=2, num_kv_heads=1)
+    make_safeailab_eagle3(tmp_path / "src", verifier)
+    converter = get_host().converters()["safeailab-eagle3"]
+    with pytest.raises(ConversionError) as caught:
+        run_conversion(converter, tmp_path / "src", verifier=verifier, output=tmp_path / "out")
+    message = str(caught.value)
+    assert "[2, 2, 1]" in message and "--set eagle_aux_hidden_state_layer_ids=" in message
+    assert "\n" not in message and not (tmp_path / "out").exists()
+    run_conversion(
+        converter,
+        tmp_path / "src",
+        verifier=verifier,
+        output=tmp_path / "out",
+        options={"eagle_aux_hidden_state_layer_ids": [1, 2, 3]},
+        validate=True,
+    )
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["eagle_aux_hidden_state_layer_ids"] == [1, 2, 3]
