@@ -32,7 +32,7 @@ fi
 
 log "installing speculators-core and the plugins (editable)"
 "${PIP[@]}" install -q "${CONSTRAINTS[@]}" setuptools
-"${PIP[@]}" install -q "${CONSTRAINTS[@]}" --no-build-isolation -e ".[dev,plots,assets]"
+"${PIP[@]}" install -q "${CONSTRAINTS[@]}" --no-build-isolation -e ".[dev,plots,assets,columnar]"
 # All plugins in one pip call, so that a plugin depending on another (speculators-converters
 # on speculators-eagle3 and speculators-hass) resolves it to the local folder, whatever the order.
 PLUGINS=()

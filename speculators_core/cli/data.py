@@ -42,7 +42,7 @@ def _data_options(func: click.decorators.FC) -> click.decorators.FC:
             "sources",
             required=True,
             multiple=True,
-            help="Chat data: a .json/.jsonl file, a folder of them, a saved datasets folder, "
+            help="Chat data: a .json/.jsonl/.parquet/.arrow/.csv file, a folder of them, a saved datasets folder, "
             "or 'sharegpt' (built in). Repeatable.",
         ),
         click.option(

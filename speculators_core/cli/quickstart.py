@@ -31,7 +31,7 @@ __all__ = ["quickstart_command"]
     multiple=True,
     default=("sharegpt",),
     show_default=True,
-    help="Chat data: 'sharegpt' (built in, training split) or .json/.jsonl files or folders. Repeatable.",
+    help="Chat data: 'sharegpt' (built in, training split) or .json/.jsonl/.parquet/.arrow/.csv files or folders. Repeatable.",
 )
 @click.option(
     "--output",

@@ -10,9 +10,12 @@ Roles are normalised to ``system`` / ``user`` / ``assistant`` (``human`` -> user
 OpenAI content parts (their text parts are joined).
 
 Sources: a ``.json`` file (a list of records, or one record), a ``.jsonl`` file (one record per
-line), a folder (every ``.json``/``.jsonl`` under it, sorted by path), a folder saved with
-``datasets.Dataset.save_to_disk``, or the built-in name ``sharegpt`` (see
-:mod:`speculators_core.assets`; ``--split`` picks its train or held-out records).
+line), a columnar ``.parquet``, ``.arrow`` (Arrow IPC file or stream, as ``datasets`` caches
+write) or ``.csv`` file (one record per row, read a record batch at a time; in CSV a
+``conversations``/``messages`` cell holds the turns as JSON text), a folder (every such file under
+it, sorted by path), a folder saved with ``datasets.Dataset.save_to_disk``, or the built-in name
+``sharegpt`` (see :mod:`speculators_core.assets`; ``--split`` picks its train or held-out
+records).
 
 What is an error and what is a counted skip: a source that does not exist, an empty file and a
 line that is not JSON are errors (the data itself is broken; one line names the file and the
@@ -37,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from speculators_core.data.errors import DataSourceError
+from speculators_core.errors import SpeculatorsError
 
 __all__ = [
     "BUILTIN_SOURCES",
@@ -253,14 +257,88 @@ def _read_jsonl_file(path: Path) -> Iterator[Any]:
         raise DataSourceError(f"data file '{path}' is empty; give a file with chat records")
 
 
+#: Columnar file types read with pyarrow, record batch by record batch.
+COLUMNAR_SUFFIXES: tuple[str, ...] = (".parquet", ".arrow", ".csv")
+#: Every file type a data source may be (a folder is searched for these).
+DATA_SUFFIXES: tuple[str, ...] = (".json", ".jsonl", *COLUMNAR_SUFFIXES)
+_BATCH_ROWS = 256
+
+
+def _columnar_batches(path: Path) -> Iterator[Any]:
+    """pyarrow record batches of a parquet, Arrow IPC (file or stream) or CSV file."""
+    try:
+        import pyarrow as pa
+    except ImportError:
+        from speculators_core.assets import MissingPackageError
+
+        raise MissingPackageError(
+            f"'{path}' is a {path.suffix.lower()[1:]} file; reading it needs: pip install "
+            "'speculators-core[columnar]' (pyarrow)"
+        ) from None
+
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        yield from pq.ParquetFile(path).iter_batches(batch_size=_BATCH_ROWS)
+    elif suffix == ".csv":
+        import pyarrow.csv as pcsv
+
+        yield from pcsv.open_csv(path)
+    else:  # .arrow: the IPC file format, or the stream format datasets writes in its cache
+        try:
+            reader: Any = pa.ipc.open_file(path)
+            for i in range(reader.num_record_batches):
+                yield reader.get_batch(i)
+        except pa.ArrowInvalid:
+            with pa.ipc.open_stream(path) as stream:
+                yield from stream
+
+
+def _read_columnar_file(path: Path) -> Iterator[Any]:
+    """Rows of a columnar file as dicts, a record batch at a time (the file is never loaded
+    whole). A ``conversations``/``messages`` cell holding JSON text (CSV has no nested
+    columns) is decoded."""
+    seen_any = False
+    row_number = 0
+    try:
+        for batch in _columnar_batches(path):
+            for row in batch.to_pylist():
+                row_number += 1
+                seen_any = True
+                for key in ("conversations", "messages"):
+                    cell = row.get(key)
+                    if isinstance(cell, str):
+                        try:
+                            row[key] = json.loads(cell)
+                        except json.JSONDecodeError as err:
+                            raise DataSourceError(
+                                f"data file '{path}' row {row_number}: column '{key}' is text "
+                                f"but not JSON ({err.msg}); store the turns as a JSON list"
+                            ) from None
+                yield row
+    except SpeculatorsError:
+        raise
+    except Exception as err:  # pyarrow's own errors (ArrowInvalid, ...) and unreadable files
+        raise DataSourceError(
+            f"data file '{path}' could not be read as {path.suffix.lower()[1:]} ({err}); "
+            "re-export it"
+        ) from None
+    if not seen_any:
+        raise DataSourceError(f"data file '{path}' is empty; give a file with chat records")
+
+
 def _read_file(path: Path) -> Iterator[Any]:
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         return _read_jsonl_file(path)
     if suffix == ".json":
         return _read_json_file(path)
+    if suffix in COLUMNAR_SUFFIXES:
+        return _read_columnar_file(path)
     raise DataSourceError(
-        f"data file '{path}' has an unsupported extension '{suffix}'; use .json or .jsonl"
+        f"data file '{path}' has an unsupported extension '{suffix}'; use "
+        f"{', '.join(DATA_SUFFIXES)}"
     )
 
 
@@ -311,19 +389,19 @@ def iter_records(source: str | os.PathLike[str], *, split: str = "train") -> Ite
     path = Path(text)
     if not path.exists():
         raise DataSourceError(
-            f"data source '{text}' does not exist; give a .json/.jsonl file, a folder of them, "
-            f"a saved datasets dataset, or a built-in name ({', '.join(BUILTIN_SOURCES)})"
+            f"data source '{text}' does not exist; give a {'/'.join(DATA_SUFFIXES)} file, a "
+            "folder of them, a saved datasets dataset, or a built-in name "
+            f"({', '.join(BUILTIN_SOURCES)})"
         )
     if path.is_file():
         return _read_file(path)
     if _is_saved_dataset(path):
         return _read_saved_dataset(path)
-    files = sorted(
-        p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in (".json", ".jsonl")
-    )
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in DATA_SUFFIXES)
     if not files:
         raise DataSourceError(
-            f"data folder '{path}' holds no .json or .jsonl files and is not a saved dataset"
+            f"data folder '{path}' holds no {', '.join(DATA_SUFFIXES)} files and is not a saved "
+            "dataset"
         )
     return _chain(_read_file(f) for f in files)
 

@@ -121,7 +121,10 @@ def test_shuffle_is_a_seeded_permutation(chat_file: Path):
         ("empty.json", "", "is empty"),
         ("bad.json", "[{]", "is not valid JSON"),
         ("scalar.json", "42", "holds a JSON int"),
-        ("data.csv", "a,b", "unsupported extension '.csv'"),
+        ("data.txt", "a,b", "unsupported extension '.txt'"),
+        ("empty.csv", "messages\n", "is empty"),
+        ("cells.csv", 'messages\n"[{oops"\n', "row 1: column 'messages' is text but not JSON"),
+        ("broken.parquet", "PAR1 not really", "could not be read as parquet"),
         # Latin-1 bytes (0xe9 is é): not UTF-8; named with the line, not a bare UnicodeDecodeError
         ("latin1.jsonl", b'{"messages": []}\n{"messages": "caf\xe9"}\n', "line 2: byte 0xe9"),
         ("latin1.json", b'[{"messages": "caf\xe9"}]', "is not UTF-8 text (at byte 18"),
@@ -149,7 +152,9 @@ def test_missing_source_and_empty_folder(tmp_path: Path):
     with pytest.raises(SpeculatorsError, match="does not exist"):
         load_conversations(tmp_path / "nope.jsonl")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(SpeculatorsError, match=r"holds no \.json or \.jsonl files"):
+    with pytest.raises(
+        SpeculatorsError, match=r"holds no \.json, \.jsonl, \.parquet, \.arrow, \.csv files"
+    ):
         load_conversations(tmp_path / "empty")
 
 
@@ -157,3 +162,58 @@ def test_split_is_only_for_builtin_sources(chat_file: Path):
     """Asking a user file for the held-out split is refused."""
     with pytest.raises(DataSourceError, match="applies to built-in sources only"):
         list(iter_records(chat_file, split="heldout"))
+
+
+def _columnar_copies(folder: Path, records: list[dict]) -> dict[str, Path]:
+    """The same records as parquet (nested columns), Arrow IPC file and stream, and CSV (the
+    turns as JSON text), as users and ``datasets`` write them."""
+    import pyarrow as pa
+    import pyarrow.csv as pcsv
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_pylist(records)
+    paths = {kind: folder / name for kind, name in (
+        ("parquet", "chats.parquet"), ("arrow-file", "file.arrow"),
+        ("arrow-stream", "stream.arrow"), ("csv", "chats.csv"),
+    )}  # fmt: skip
+    pq.write_table(table, paths["parquet"], row_group_size=2)  # several row groups
+    with pa.ipc.new_file(paths["arrow-file"], table.schema) as writer:
+        writer.write_table(table, max_chunksize=2)
+    with pa.ipc.new_stream(paths["arrow-stream"], table.schema) as writer:
+        writer.write_table(table, max_chunksize=2)
+    text = pa.Table.from_pylist([{"messages": json.dumps(r["messages"])} for r in records])
+    pcsv.write_csv(text, paths["csv"])
+    return paths
+
+
+@pytest.mark.parametrize("kind", ["parquet", "arrow-file", "arrow-stream", "csv"])
+def test_columnar_files_give_the_same_conversations_as_jsonl(tmp_path: Path, kind: str):
+    """parquet / Arrow / CSV rows are records; the conversations equal the JSONL copy's."""
+    records = [
+        {"messages": [{"role": "user", "content": f"question {i}"},
+                      {"role": "assistant", "content": f"answer {i}, with, commas"}]}
+        for i in range(7)
+    ]  # fmt: skip
+    records.append({"messages": [{"role": "user", "content": "no answer"}]})  # a counted skip
+    jsonl = write_jsonl(tmp_path / "chats.jsonl", records)
+    want_skips, got_skips = SkipCounter(), SkipCounter()
+    want = load_conversations(jsonl, seed=None, skipped=want_skips)
+    path = _columnar_copies(tmp_path, records)[kind]
+    assert load_conversations(path, seed=None, skipped=got_skips) == want
+    assert got_skips.to_json() == want_skips.to_json() == {"no assistant turn": 1}
+    assert len(want) == 7
+
+
+def test_a_folder_mixes_file_types_in_path_order(tmp_path: Path):
+    records = [
+        {"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a"}]}
+        for i in range(3)
+    ]
+    folder = tmp_path / "data"
+    folder.mkdir()
+    write_jsonl(folder / "a.jsonl", records[:1])
+    _columnar_copies(tmp_path, records[1:])
+    (tmp_path / "chats.parquet").rename(folder / "b.parquet")
+    (tmp_path / "chats.csv").rename(folder / "c.csv")
+    got = [c[0].content for c in load_conversations(folder, seed=None)]
+    assert got == ["q0", "q1", "q2", "q1", "q2"]
