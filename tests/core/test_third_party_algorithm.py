@@ -152,8 +152,9 @@ def test_quickstart_trains_the_plugins_algorithm(
     config = json.loads((out / "speculator" / "config.json").read_text())
     assert config["speculators_model_type"] == "fixture-mlp"
     report = json.loads((out / "report.json").read_text())
-    (evaluation,) = report["evaluation"]
+    evaluation, sampled = report["evaluation"]  # greedy, then temperature 1
     assert report["measured_by"] == evaluation["engine"] == "reference"
+    assert sampled["temperature"] == 1.0 and sampled["engine"] == "reference"
     rates = evaluation["acceptance_rate_per_position"]
     assert len(rates) == 2  # k = 2
     assert report["mean_acceptance_length"] == pytest.approx(1 + sum(rates), abs=1e-9)
