@@ -6,8 +6,8 @@ prompts (first user turns, chat template applied): for every installed proposal 
 per position and tokens/s, at temperature 0 and at each ``--temperatures`` value, in the
 reference decoder (transformers verifier, one prompt at a time, seeded) and in vLLM where it
 serves the method (vLLM for CPU: ``greedy``, ``sampled``; ``block`` only on vLLM's V2 runner).
-At temperature 0 every lossless method is the verifier's greedy output, so one row stands for
-all. Everything runs in one sitting, one engine at a time.
+At temperature 0 every chain method drafts the argmax chain and keeps the same tokens, so one
+row stands for them (the tree differs: it verifies 16 nodes per round). Everything runs in one sitting, one engine at a time.
 
     .venv/bin/python benchmarks/bench_proposals.py --draft quickstart-output/speculator \
         [--num-prompts 8] [--max-new-tokens 96] [--temperatures 1] [--methods greedy,sampled,block]
@@ -63,8 +63,12 @@ def main() -> None:
     use_vllm = not args.no_vllm and vllm_available()
     device = detect_device(None)
 
-    # (temperature, method) settings: temperature 0 once (every method is the same there).
-    settings = [(0.0, methods[0])] + [(t, m) for t in temperatures for m in methods]
+    # (temperature, method) settings: at temperature 0 every chain method drafts and keeps the
+    # same tokens, so one row stands for them; a method with its own round (the tree) differs.
+    chain = [m for m in methods if m.round is None]
+    own_round = [m for m in methods if m.round is not None]
+    settings = [(0.0, m) for m in [*chain[:1], *own_round]]
+    settings += [(t, m) for t in temperatures for m in methods]
     rows: list[dict[str, Any]] = []
     loads: list[float] = []
     started = time.time()
@@ -110,7 +114,8 @@ def main() -> None:
     print("| method | T | engine | τ | per position | tokens/s |")
     print("|---|---|---|---|---|---|")
     for row in rows:
-        label = "every method" if row["temperature"] == 0 else row["method"]
+        chain_row = row["temperature"] == 0 and row["method"] in {m.name for m in chain}
+        label = "every chain method" if chain_row else row["method"]
         if "refused" in row:
             print(f"| {label} | {row['temperature']:g} | vllm | not served: {row['refused']} | | |")
             continue

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from speculators_core.data.capture import StateRecorder
-from speculators_core.proposals.chain import GREEDY, argmax_chain, greedy_match, standard_rule
+from speculators_core.proposals.chain import GREEDY, chain_round, greedy_match, standard_rule
 
 if TYPE_CHECKING:
     from speculators_core.plugins.records import ProposalMethod
@@ -200,6 +200,69 @@ accept_greedy = greedy_match
 accept_sampled = standard_rule
 
 
+class _RoundForward:
+    """The verifier's forward of one round (the :class:`~speculators_core.proposals.chain.Verify`
+    a proposal method calls), and trimming the cache to what the round kept.
+
+    A chain runs as plain causal decoding; a tree as one forward with each drafted token at
+    position ``cached + depth`` seeing the context and its ancestors only.
+    """
+
+    def __init__(self, verifier: nn.Module, cache: Any, last: torch.Tensor, cached: int) -> None:
+        self.verifier = verifier
+        self.cache = cache
+        self.last = last  # [1, 1]: the newest verified token (its KV is not cached yet)
+        self.cached = cached
+        self.tokens: list[int] = []
+        self.chain = True
+        self.calls = 0
+
+    def __call__(self, tokens: Sequence[int], parents: Sequence[int]) -> torch.Tensor:
+        self.calls += 1
+        n = len(tokens)
+        if len(parents) != n or any(not 0 <= p <= i for i, p in enumerate(parents)):
+            raise ValueError(
+                f"parents {list(parents)} must give each drafted token a row before its own"
+            )
+        self.tokens = [int(t) for t in tokens]
+        self.chain = list(parents) == list(range(n))
+        device = self.last.device
+        ids = torch.cat([self.last, torch.tensor([self.tokens], device=device)], dim=1)
+        if self.chain:
+            out = self.verifier(input_ids=ids, past_key_values=self.cache, use_cache=True)
+            return out.logits[0]
+        depth = [0] * (n + 1)
+        ancestors = torch.eye(n + 1, dtype=torch.bool)
+        for i, parent in enumerate(parents):
+            depth[i + 1] = depth[parent] + 1
+            ancestors[i + 1] |= ancestors[parent]
+        dtype = next(self.verifier.parameters()).dtype
+        allowed = torch.cat([torch.ones(n + 1, self.cached, dtype=torch.bool), ancestors], dim=1)
+        mask = torch.zeros(allowed.shape, dtype=dtype)
+        mask[~allowed] = torch.finfo(dtype).min
+        positions = torch.tensor([[self.cached + d for d in depth]], device=device)
+        out = self.verifier(
+            input_ids=ids,
+            past_key_values=self.cache,
+            position_ids=positions,
+            attention_mask=mask[None, None].to(device),
+            use_cache=True,
+        )
+        return out.logits[0]
+
+    def keep(self, rows: list[int]) -> None:
+        """Keep the cache entries of these rows (0 = the last verified token) after the context."""
+        dropped = len(self.tokens) + 1 - len(rows)
+        if self.chain and rows == list(range(len(rows))):
+            if dropped:
+                self.cache.crop(-dropped)
+            return
+        index = torch.tensor([*range(self.cached), *(self.cached + r for r in rows)])
+        for layer in self.cache.layers:
+            layer.keys = layer.keys[:, :, index.to(layer.keys.device)]
+            layer.values = layer.values[:, :, index.to(layer.values.device)]
+
+
 class ReferenceDecoder:
     """Speculative decoding with a transformers verifier and a speculator's drafting session.
 
@@ -303,41 +366,27 @@ class ReferenceDecoder:
                 cached += 1
                 emitted.append(self._pick(out.logits[0, -1], temperature, generator))
                 continue
-            if temperature <= 0:
-                chain = argmax_chain(session, self.k, 0.0, generator)
-            else:
-                chain = (self.proposal.draft or argmax_chain)(
-                    session, self.k, temperature, generator
-                )
-            drafted = chain.tokens.to(prompt.device)  # [k]
-            out = self.verifier(
-                input_ids=torch.cat([last, drafted[None]], dim=1),
-                past_key_values=cache,
-                use_cache=True,
+            forward = _RoundForward(self.verifier, cache, last, cached)
+            result = (self.proposal.round or chain_round)(
+                self.proposal, session, forward, self.k, temperature, generator
             )
+            if forward.calls != 1:
+                raise RuntimeError(
+                    f"proposal method '{self.proposal.name}' ran the verifier {forward.calls} "
+                    "times in one round; a round is one verifier forward"
+                )
             stats.verifier_forwards += 1
             assert recorder is not None
-            states = recorder.take()  # [1, k+1, n, H]
-            logits = out.logits[0]  # [k+1, V]
-            if temperature <= 0:
-                accepted, next_token = greedy_match(drafted, logits)
-            else:
-                accepted, next_token = (self.proposal.accept or standard_rule)(
-                    drafted,
-                    chain.probs.to(logits.device),
-                    self._probs(logits, temperature),
-                    generator,
-                )
+            states = recorder.take()  # [1, 1 + n, S, H]: the last verified token, then drafts
+            accepted = len(result.path)
             stats.add_round(accepted)
-            # Keep the KV of the last verified token and of the accepted drafted tokens; drop the
-            # rejected drafted positions.
+            # Keep the KV of the last verified token and of the accepted drafted tokens; drop
+            # the others.
+            rows = [0, *result.path]
+            forward.keep(rows)
             cached += accepted + 1
-            if accepted < self.k:
-                cache.crop(-(self.k - accepted))
-            new_tokens = [*drafted[:accepted].tolist(), next_token]
-            session.extend(
-                torch.tensor([new_tokens], device=prompt.device), states[:, : accepted + 1]
-            )
+            new_tokens = [*(forward.tokens[r - 1] for r in result.path), result.next_token]
+            session.extend(torch.tensor([new_tokens], device=prompt.device), states[:, rows])
             emitted.extend(new_tokens)
         # Truncate to the budget and just after the first end-of-sequence token.
         emitted = emitted[:max_new_tokens]

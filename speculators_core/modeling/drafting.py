@@ -23,6 +23,7 @@ the draft ids (:meth:`~ChainDraftSession.draft_vocabulary`). The model's ``decod
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 import torch
@@ -143,6 +144,39 @@ class ChainDraftSession(ABC):
         )
         self._logits, self._state = self.head(h[:, -1])
         self.num_indices = start + new_states
+
+    @torch.no_grad()
+    def next_logits(self, path: Sequence[int]) -> torch.Tensor:
+        """The draft's logits ``[V]`` (verifier vocabulary, ``-inf`` outside a reduced draft
+        vocabulary) for the token after the verified context followed by the drafted ``path``
+        (verifier ids), batch size 1: what a tree proposal expands a node with."""
+        if self.batch_size != 1:
+            raise SpeculatorsError("next_logits() drafts for batch size 1")
+        if self._logits is None or self._state is None:
+            raise SpeculatorsError(
+                "next_logits() before any verified hidden state; call extend() with the prompt first"
+            )
+        self.cache.truncate(self.num_indices)
+        logits, state = self._logits, self._state
+        for i, token in enumerate(path):
+            position = torch.full((1, 1), self.num_indices + self.position_offset + i)
+            h = self.model.decode(
+                torch.tensor([[int(token)]], device=self.device),
+                state[:, None],
+                position.to(self.device),
+                cache=self.cache,
+                mask=None,  # a single query sees the whole cache
+                implementation=self._implementation,
+            )
+            logits, state = self.head(h[:, -1])
+        self.cache.truncate(self.num_indices)
+        vocabulary = self.draft_vocabulary()
+        if vocabulary is None:
+            return logits[0]
+        ids, vocab = vocabulary
+        full = logits.new_full((vocab,), float("-inf"))
+        full[ids] = logits[0]
+        return full
 
     @torch.no_grad()
     def propose(

@@ -26,6 +26,7 @@ __all__ = [
     "ObjectiveLoss",
     "ProposalMethod",
     "ProposalServing",
+    "RoundFunction",
     "TrainingOption",
     "VllmServing",
 ]
@@ -94,6 +95,11 @@ DraftFunction = Callable[..., Any]
 #: next_token)``: how the verifier accepts a drafted chain at temperature > 0; lossless rules
 #: emit tokens distributed exactly as the verifier's own sampling.
 AcceptFunction = Callable[..., tuple[int, int]]
+#: ``round(method, session, verify, k, temperature, generator) -> RoundResult``: a whole round
+#: for methods whose drafts are not one chain (a tree): propose through the drafting session,
+#: score with ``verify`` (the verifier's forward over drafted tokens and their parents), decide
+#: what is kept (:mod:`speculators_core.proposals.chain`).
+RoundFunction = Callable[..., Any]
 
 
 @dataclass(frozen=True)
@@ -120,6 +126,9 @@ class ProposalMethod:
       chain of the draft's argmax tokens (vLLM's ``draft_sample_method: greedy``).
     * ``accept``: how the verifier accepts at temperature > 0 (:data:`AcceptFunction`); None:
       standard rejection sampling (Leviathan et al. 2023).
+    * ``round``: a whole round (:data:`RoundFunction`), for drafts that are not one chain (a
+      tree); None: :func:`~speculators_core.proposals.chain.chain_round` with ``draft`` and
+      ``accept``.
     * ``vllm``: how vLLM serves it (:class:`ProposalServing`); None: vLLM has no equivalent.
 
     At temperature 0 every lossless method is the verifier's greedy output: the reference
@@ -132,6 +141,7 @@ class ProposalMethod:
     provided_by: str = field(default="", compare=False)
     draft: DraftFunction | None = field(default=None, compare=False)
     accept: AcceptFunction | None = field(default=None, compare=False)
+    round: RoundFunction | None = field(default=None, compare=False)
     vllm: ProposalServing | None = field(default_factory=ProposalServing)
 
 

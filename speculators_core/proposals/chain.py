@@ -16,8 +16,9 @@ own ``greedy`` method (vLLM's default: ``draft_sample_method: greedy``, standard
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -27,7 +28,10 @@ from speculators_core.plugins.records import ProposalMethod, ProposalServing
 __all__ = [
     "GREEDY",
     "ChainDraft",
+    "RoundResult",
+    "Verify",
     "argmax_chain",
+    "chain_round",
     "greedy_match",
     "one_hot_rows",
     "standard_rule",
@@ -41,6 +45,28 @@ class ChainDraft:
 
     tokens: torch.Tensor
     probs: torch.Tensor
+
+
+class Verify(Protocol):
+    """The verifier's forward over one round's drafted tokens, given by the reference decoder.
+
+    ``tokens`` are drafted tokens (verifier ids) and ``parents[i]`` the row of token ``i``'s
+    parent: row 0 is the newest verified token, row ``j + 1`` drafted token ``j`` (a chain has
+    ``parents = [0, 1, ..., n-1]``; a tree any rows before its own). Each drafted token sees the
+    verified context and its ancestors only. Returns the verifier's logits ``[1 + n, V]``: row
+    ``r`` predicts the token after row ``r``.
+    """
+
+    def __call__(self, tokens: Sequence[int], parents: Sequence[int]) -> torch.Tensor: ...
+
+
+@dataclass
+class RoundResult:
+    """What one round keeps: ``path``, the rows (``1 + i`` for drafted token ``i``) of the
+    accepted drafted tokens from the root down, and ``next_token``, the token emitted after them."""
+
+    path: list[int]
+    next_token: int
 
 
 def one_hot_rows(tokens: torch.Tensor, vocab_size: int) -> torch.Tensor:
@@ -99,6 +125,33 @@ def greedy_match(draft_tokens: torch.Tensor, target_logits: torch.Tensor) -> tup
     while accepted < k and int(draft_tokens[accepted]) == int(target[accepted]):
         accepted += 1
     return accepted, int(target[accepted])
+
+
+def chain_round(
+    method: Any,
+    session: Any,
+    verify: Verify,
+    k: int,
+    temperature: float,
+    generator: torch.Generator | None = None,
+) -> RoundResult:
+    """One chain round: ``method.draft`` proposes ``k`` tokens (argmax chains at temperature 0),
+    the verifier scores them at once, and ``method.accept`` keeps a prefix (the exact-match rule
+    at temperature 0, every lossless rule's limit)."""
+    if temperature <= 0:
+        chain = argmax_chain(session, k, 0.0, generator)
+    else:
+        chain = (method.draft or argmax_chain)(session, k, temperature, generator)
+    tokens = chain.tokens.tolist()
+    logits = verify(tokens, list(range(len(tokens))))  # [k + 1, V]
+    drafted = torch.as_tensor(tokens, device=logits.device)
+    if temperature <= 0:
+        accepted, next_token = greedy_match(drafted, logits)
+    else:
+        target = torch.softmax(logits.float() / temperature, dim=-1)
+        rule = method.accept or standard_rule
+        accepted, next_token = rule(drafted, chain.probs.to(logits.device), target, generator)
+    return RoundResult(path=list(range(1, accepted + 1)), next_token=next_token)
 
 
 #: The core's ``greedy`` method: argmax chains, standard rejection; vLLM's defaults.

@@ -50,12 +50,13 @@ def test_every_hookspec_has_a_test_named_after_it(spec):
 
 
 def test_proposal_method_behaviour_is_documented_with_its_exact_signatures():
-    """The ``draft`` and ``accept`` of a ProposalMethod, as the core's own implementations spell
-    them (argmax_chain, standard_rule), appear in the author docs."""
-    from speculators_core.proposals import argmax_chain, standard_rule
+    """The ``draft``, ``accept`` and ``round`` of a ProposalMethod, as the core's own
+    implementations spell them (argmax_chain, standard_rule, chain_round), appear in the author
+    docs."""
+    from speculators_core.proposals import argmax_chain, chain_round, standard_rule
 
     doc = (REPO / "docs" / "plugin-authors.md").read_text()
-    for role, fn in (("draft", argmax_chain), ("accept", standard_rule)):
+    for role, fn in (("draft", argmax_chain), ("accept", standard_rule), ("round", chain_round)):
         params = []
         for param in inspect.signature(fn).parameters.values():
             text = f"{param.name}: {param.annotation}"

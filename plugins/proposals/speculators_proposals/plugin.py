@@ -1,4 +1,4 @@
-"""Registers ``sampled`` and ``block`` with speculators-core (entry point
+"""Registers ``sampled``, ``block`` and ``tree`` with speculators-core (entry point
 ``speculators.plugins:proposals``)."""
 
 from __future__ import annotations
@@ -9,8 +9,9 @@ from speculators_core import ProposalMethod, ProposalServing, hookimpl
 from speculators_core.proposals import standard_rule
 from speculators_proposals.block import BlockTokenProposalConfig, block_rule
 from speculators_proposals.sampled import SampledTokenProposalConfig, sampled_chain
+from speculators_proposals.tree import TreeTokenProposalConfig, tree_round
 
-__all__ = ["BLOCK", "SAMPLED", "speculators_register_proposal_methods"]
+__all__ = ["BLOCK", "SAMPLED", "TREE", "speculators_register_proposal_methods"]
 
 SAMPLED = ProposalMethod(
     name="sampled",
@@ -41,7 +42,17 @@ BLOCK = ProposalMethod(
 )
 
 
+TREE = ProposalMethod(
+    name="tree",
+    config_class=TreeTokenProposalConfig,
+    description="EAGLE-2-style dynamic draft tree (16 nodes, 4 children per node, depth k) "
+    "verified in one forward with a tree attention mask",
+    round=tree_round,
+    vllm=None,  # vLLM's token trees are static and need its GPU tree attention backend
+)
+
+
 @hookimpl
 def speculators_register_proposal_methods() -> Sequence[ProposalMethod]:
-    """The two proposal methods of speculators-proposals."""
-    return [SAMPLED, BLOCK]
+    """The three proposal methods of speculators-proposals."""
+    return [SAMPLED, BLOCK, TREE]

@@ -14,7 +14,7 @@ from speculators_core.evaluate import ReferenceDecoder
 from speculators_core.testing import chi_square_p_value
 
 ALPHA = 1e-3  # significance of the chi-square tests
-METHODS = ["greedy", "sampled", "block"]
+METHODS = ["greedy", "sampled", "block", "tree"]
 PROMPT = [5, 17, 42, 9, 101]
 
 
@@ -85,19 +85,28 @@ def test_methods_come_from_the_plugin_and_greedy_needs_none() -> None:
     with pytest.raises(Exception, match="sampled"):
         bare.proposal_method("sampled")
     installed = get_host().proposal_methods()
-    assert {"greedy", "sampled", "block"} <= set(installed)
+    assert {"greedy", "sampled", "block", "tree"} <= set(installed)
     assert installed["sampled"].provided_by.startswith("speculators-proposals")
     assert dict(installed["sampled"].vllm.speculative_config) == {
         "draft_sample_method": "probabilistic"
     }
     assert installed["block"].vllm.cpu_refusal
     assert installed["greedy"].vllm.speculative_config == {}
+    assert installed["tree"].vllm is None and installed["tree"].round is not None
 
 
 def test_config_classes_round_trip_extra_fields() -> None:
-    from speculators_proposals import BlockTokenProposalConfig, SampledTokenProposalConfig
+    from speculators_proposals import (
+        BlockTokenProposalConfig,
+        SampledTokenProposalConfig,
+        TreeTokenProposalConfig,
+    )
 
-    for cls, name in ((SampledTokenProposalConfig, "sampled"), (BlockTokenProposalConfig, "block")):
+    for cls, name in (
+        (SampledTokenProposalConfig, "sampled"),
+        (BlockTokenProposalConfig, "block"),
+        (TreeTokenProposalConfig, "tree"),
+    ):
         config = cls(speculative_tokens=2, note="kept")
         data = config.model_dump()
         assert data["proposal_type"] == name and data["note"] == "kept"
