@@ -11,7 +11,7 @@ row stands for them (the tree differs: it verifies 16 nodes per round). Everythi
 
     .venv/bin/python benchmarks/bench_proposals.py --draft quickstart-output/speculator \
         [--num-prompts 8] [--max-new-tokens 96] [--temperatures 1] [--methods greedy,sampled,block]
-        [--no-vllm] [--json OUT]
+        [--no-vllm | --no-reference] [--json OUT]
 """
 
 from __future__ import annotations
@@ -37,6 +37,9 @@ def main() -> None:
     parser.add_argument("--methods", default=None, help="default: every installed method")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-vllm", action="store_true")
+    parser.add_argument(
+        "--no-reference", action="store_true", help="only the vLLM rows (e.g. to add them later)"
+    )
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
 
@@ -65,7 +68,7 @@ def main() -> None:
 
     # (temperature, method) settings: at temperature 0 every chain method drafts and keeps the
     # same tokens, so one row stands for them; a method with its own round (the tree) differs.
-    chain = [m for m in methods if m.round is None]
+    chain = sorted((m for m in methods if m.round is None), key=lambda m: m.name != "greedy")
     own_round = [m for m in methods if m.round is not None]
     settings = [(0.0, m) for m in [*chain[:1], *own_round]]
     settings += [(t, m) for t in temperatures for m in methods]
@@ -82,10 +85,11 @@ def main() -> None:
             host=host,
             proposal=method,
         )
-        loads.append(os.getloadavg()[0])
-        print(f"reference decoder: {method.name} at T={temperature:g} ...", file=sys.stderr)
-        result = evaluate_reference(args.draft, verifier, prompts, eos=eos, **common)
-        rows.append({"method": method.name, "temperature": temperature, **result})
+        if not args.no_reference:
+            loads.append(os.getloadavg()[0])
+            print(f"reference decoder: {method.name} at T={temperature:g} ...", file=sys.stderr)
+            result = evaluate_reference(args.draft, verifier, prompts, eos=eos, **common)
+            rows.append({"method": method.name, "temperature": temperature, **result})
         if not use_vllm:
             continue
         try:
