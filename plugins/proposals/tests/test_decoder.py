@@ -1,5 +1,5 @@
 """Every proposal method in the reference decoder: lossless at temperature 0 (token for token)
-and at temperature 1.5 (in distribution), selected through the plugin host by name."""
+and at temperature 1 (in distribution), selected through the plugin host by name."""
 
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ def test_sampled_output_keeps_the_verifier_distribution(
 ) -> None:
     """The second generated token (the round's first) over 1500 seeded runs against the exact
     marginal sum_a p(a) p(b | a); the same counts reject the uniform distribution (power)."""
-    temperature = 1.5
+    temperature = 1.0
     with torch.no_grad():
         first = torch.softmax(
             verifier_model(torch.tensor([PROMPT])).logits[0, -1] / temperature, -1
