@@ -7,7 +7,11 @@ from typing import Any
 
 import click
 
-from speculators_core.quickstart.settings import GENERATION_BACKENDS
+from speculators_core.quickstart.settings import (
+    DEFAULT_MAX_NEW_TOKENS,
+    GENERATION_BACKENDS,
+    SAMPLES_PER_BUDGET_MINUTE,
+)
 
 __all__ = ["quickstart_command"]
 
@@ -51,7 +55,7 @@ __all__ = ["quickstart_command"]
     "--samples",
     type=click.IntRange(min=1),
     default=None,
-    help="Training conversations (default: 12 per budget minute).",
+    help=f"Training conversations (default: {SAMPLES_PER_BUDGET_MINUTE} per budget minute).",
 )
 @click.option(
     "--regenerate/--no-regenerate",
@@ -62,7 +66,7 @@ __all__ = ["quickstart_command"]
 @click.option(
     "--max-new-tokens",
     type=click.IntRange(min=1),
-    default=256,
+    default=DEFAULT_MAX_NEW_TOKENS,
     show_default=True,
     help="Tokens per regenerated answer.",
 )

@@ -12,18 +12,29 @@ from speculators_core.options import resolve_training_options
 if TYPE_CHECKING:
     from speculators_core.plugins.records import Algorithm
 
-__all__ = ["GENERATION_BACKENDS", "QuickstartSettings", "default_samples"]
+__all__ = [
+    "DEFAULT_MAX_NEW_TOKENS",
+    "GENERATION_BACKENDS",
+    "SAMPLES_PER_BUDGET_MINUTE",
+    "QuickstartSettings",
+    "default_samples",
+]
 
 #: Values of ``--generation-backend`` (see :attr:`QuickstartSettings.generation_backend`).
 GENERATION_BACKENDS = ("auto", "one-pass", "vllm", "transformers")
 
-#: Conversations regenerated per budget minute by default. On a 2-core CPU, answering one
-#: first-turn conversation and recording its states in one pass (about 300 tokens) costs about
-#: 1.6 s, so data takes about a third of the budget; training and evaluation get the rest. The
-#: draft is data-limited at this size (its validation acceptance stops rising after about 15
-#: epochs), so data gets as much of the budget as still leaves training time to reach that
-#: plateau. A faster machine simply trains more epochs over the same data.
-SAMPLES_PER_BUDGET_MINUTE = 12
+#: Conversations regenerated per budget minute by default. On a 2-core CPU, answering 24
+#: first-turn conversations with at most :data:`DEFAULT_MAX_NEW_TOKENS` tokens each and recording
+#: their states in one pass costs about 10 minutes for a 30-minute budget (the decode steps are
+#: those of 12 conversations with twice the answer length; the prefill doubles), so data takes
+#: about a third of the budget; training and evaluation get the rest. The draft is data-limited
+#: at this size: more conversations with shorter answers are more diverse data for the same
+#: decoding, and measured +0.095 tau in vLLM over 12 per minute at 256 tokens with the same
+#: training steps (benchmarks/bench_objectives.py, the short-answers lever).
+SAMPLES_PER_BUDGET_MINUTE = 24
+
+#: Tokens the verifier writes per regenerated answer by default (see above).
+DEFAULT_MAX_NEW_TOKENS = 128
 
 
 def default_samples(budget_minutes: float) -> int:
@@ -51,7 +62,7 @@ class QuickstartSettings:
     #: Replace the data's answers with the verifier's own greedy answers (first turn only).
     regenerate: bool = True
     #: Tokens the verifier writes per regenerated answer.
-    max_new_tokens: int = 256
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     #: Regeneration engine: ``one-pass`` (transformers decoding that records the hidden states
     #: as it writes the answers: one verifier pass instead of two), ``vllm`` or ``transformers``
     #: (answers first, then a capture pass); ``auto`` is ``one-pass``.
