@@ -159,23 +159,40 @@ class ChainDraftSession(ABC):
         self.cache.truncate(self.num_indices)
         logits, state = self._logits, self._state
         for i, token in enumerate(path):
-            position = torch.full((1, 1), self.num_indices + self.position_offset + i)
-            h = self.model.decode(
-                torch.tensor([[int(token)]], device=self.device),
-                state[:, None],
-                position.to(self.device),
-                cache=self.cache,
-                mask=None,  # a single query sees the whole cache
-                implementation=self._implementation,
-            )
-            logits, state = self.head(h[:, -1])
+            logits, state = self._step(torch.tensor([int(token)], device=self.device), state, i)
         self.cache.truncate(self.num_indices)
+        return self._to_verifier_vocab(logits)[0]
+
+    def _step(
+        self, token: torch.Tensor, state: torch.Tensor, offset: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decode ``token`` ``[B]`` (verifier ids) as the ``offset``-th drafted token after the
+        verified context, from the draft state ``state`` ``[B, H]``; the cache keeps its key and
+        value. Returns the next ``(logits [B, Vd], state [B, H])``."""
+        position = torch.full(
+            (self.batch_size, 1),
+            self.num_indices + self.position_offset + offset,
+            device=token.device,
+        )
+        h = self.model.decode(
+            token[:, None],
+            state[:, None],
+            position,
+            cache=self.cache,
+            mask=None,  # a single query sees the whole cache
+            implementation=self._implementation,
+        )
+        return self.head(h[:, -1])
+
+    def _to_verifier_vocab(self, logits: torch.Tensor) -> torch.Tensor:
+        """Draft-vocabulary logits ``[..., Vd]`` over the verifier vocabulary ``[..., V]``:
+        ``-inf`` outside a reduced draft vocabulary (unchanged for a full one)."""
         vocabulary = self.draft_vocabulary()
         if vocabulary is None:
-            return logits[0]
+            return logits
         ids, vocab = vocabulary
-        full = logits.new_full((vocab,), float("-inf"))
-        full[ids] = logits[0]
+        full = logits.new_full((*logits.shape[:-1], vocab), float("-inf"))
+        full[..., ids] = logits
         return full
 
     @torch.no_grad()
@@ -210,24 +227,6 @@ class ChainDraftSession(ABC):
             step_logits.append(logits)
             if i == k - 1:
                 break
-            position = torch.full(
-                (self.batch_size, 1),
-                self.num_indices + self.position_offset + i,
-                device=token.device,
-            )
-            h = self.model.decode(
-                token[:, None],
-                state[:, None],
-                position,
-                cache=self.cache,
-                mask=None,  # a single query sees the whole cache
-                implementation=self._implementation,
-            )
-            logits, state = self.head(h[:, -1])
-        draft_logits = torch.stack(step_logits, dim=1)  # [B, k, Vd]
-        if vocabulary is not None:
-            ids, vocab = vocabulary
-            full = draft_logits.new_full((*draft_logits.shape[:2], vocab), float("-inf"))
-            full[..., ids] = draft_logits
-            draft_logits = full
+            logits, state = self._step(token, state, i)
+        draft_logits = self._to_verifier_vocab(torch.stack(step_logits, dim=1))  # [B, k, V]
         return DraftProposal(tokens=torch.stack(tokens, dim=1), logits=draft_logits)

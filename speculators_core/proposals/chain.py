@@ -32,6 +32,7 @@ __all__ = [
     "Verify",
     "argmax_chain",
     "chain_round",
+    "draw_residual",
     "greedy_match",
     "one_hot_rows",
     "standard_rule",
@@ -104,12 +105,23 @@ def standard_rule(
         if q > 0 and u < min(1.0, p / q):
             continue
         residual = (target_probs[i] - draft_probs[i]).clamp(min=0)
-        total = float(residual.sum())
-        # p == q everywhere leaves no residual mass; then rejection has probability 0, so this
-        # branch is only reached through floating-point noise: fall back to p itself.
-        weights = residual / total if total > 0 else target_probs[i]
-        return i, int(torch.multinomial(weights, 1, generator=generator))
+        return i, draw_residual(residual, target_probs[i], generator)
     return k, int(torch.multinomial(target_probs[k], 1, generator=generator))
+
+
+def draw_residual(
+    residual: torch.Tensor, fallback: torch.Tensor, generator: torch.Generator | None = None
+) -> int:
+    """One token from the non-negative ``residual`` weights ``[V]``, normalized.
+
+    What a rejection draws from. A residual with no mass means rejection had probability 0 (the
+    draft's distribution equals the verifier's where it matters), so it is only reached through
+    floating-point noise: the token is then drawn from ``fallback`` (the verifier's
+    distribution) itself.
+    """
+    total = float(residual.sum())
+    weights = residual / total if total > 0 else fallback
+    return int(torch.multinomial(weights, 1, generator=generator))
 
 
 def greedy_match(draft_tokens: torch.Tensor, target_logits: torch.Tensor) -> tuple[int, int]:

@@ -33,6 +33,7 @@ import torch
 from pydantic import Field
 
 from speculators_core import TokenProposalConfig
+from speculators_core.proposals import draw_residual
 
 __all__ = ["BlockTokenProposalConfig", "block_rule"]
 
@@ -42,14 +43,6 @@ class BlockTokenProposalConfig(TokenProposalConfig):
 
     proposal_type: Literal["block"] = "block"
     speculative_tokens: int = Field(default=3, ge=1)
-
-
-def _draw(weights: torch.Tensor, fallback: torch.Tensor, generator: torch.Generator | None) -> int:
-    total = float(weights.sum())
-    # No residual mass happens only through floating-point noise (the stop point then has
-    # probability 0): fall back to the verifier's own distribution.
-    chosen = weights / total if total > 0 else fallback
-    return int(torch.multinomial(chosen, 1, generator=generator))
 
 
 def block_rule(
@@ -83,4 +76,4 @@ def block_rule(
     if stop == k:
         return k, int(torch.multinomial(target_probs[k], 1, generator=generator))
     residual_dist = (weights[stop] * target_probs[stop] - draft_probs[stop]).clamp(min=0)
-    return stop, _draw(residual_dist, target_probs[stop], generator)
+    return stop, draw_residual(residual_dist, target_probs[stop], generator)
