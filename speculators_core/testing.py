@@ -23,6 +23,7 @@ import torch
 __all__ = [
     "CHATML_TEMPLATE",
     "TINY_CORPUS",
+    "VERIFIER_FAMILIES",
     "chi_square_p_value",
     "evaluation_metrics",
     "make_tiny_tokenizer",
@@ -102,6 +103,40 @@ def make_tiny_tokenizer(vocab_size: int = 256) -> Any:
     return fast
 
 
+#: Tiny-model settings of each verifier family :func:`make_tiny_verifier` builds beyond the
+#: shared sizes: its architecture class and the fields the family needs (experts, sliding
+#: windows, attention biases are on by default in Qwen2).
+VERIFIER_FAMILIES: dict[str, dict[str, Any]] = {
+    "llama": {"architectures": ["LlamaForCausalLM"]},
+    "qwen3": {"architectures": ["Qwen3ForCausalLM"]},
+    "mistral": {"architectures": ["MistralForCausalLM"], "sliding_window": None},
+    "qwen2": {"architectures": ["Qwen2ForCausalLM"]},
+    "qwen3_moe": {
+        "architectures": ["Qwen3MoeForCausalLM"],
+        "num_experts": 4,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 32,
+        "decoder_sparse_step": 1,
+    },
+    "gemma2": {
+        "architectures": ["Gemma2ForCausalLM"],
+        "query_pre_attn_scalar": 16,
+        "sliding_window": 8,
+    },
+    "gemma3_text": {
+        "architectures": ["Gemma3ForCausalLM"],
+        "query_pre_attn_scalar": 16,
+        "sliding_window": 8,
+    },
+    "gpt_oss": {
+        "architectures": ["GptOssForCausalLM"],
+        "num_local_experts": 4,
+        "num_experts_per_tok": 2,
+        "sliding_window": 8,
+    },
+}
+
+
 def make_tiny_verifier(
     folder: str | os.PathLike[str],
     *,
@@ -118,12 +153,14 @@ def make_tiny_verifier(
 ) -> Path:
     """Write a tiny random causal LM with a real tokenizer to ``folder``; return the folder.
 
-    ``model_type`` is ``llama`` or ``qwen3``. The tokenizer is trained to ``vocab_size`` tokens
+    ``model_type`` is a key of :data:`VERIFIER_FAMILIES`. The tokenizer is trained to ``vocab_size`` tokens
     (the model's vocab is exactly the tokenizer's size). ``chat_template=None`` writes a
     tokenizer without a template (to test that error path).
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    if model_type not in VERIFIER_FAMILIES:
+        raise ValueError(f"model_type '{model_type}' is not one of {', '.join(VERIFIER_FAMILIES)}")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer = make_tiny_tokenizer(vocab_size)
@@ -143,7 +180,7 @@ def make_tiny_verifier(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        architectures=["LlamaForCausalLM" if model_type == "llama" else "Qwen3ForCausalLM"],
+        **VERIFIER_FAMILIES[model_type],
     )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)

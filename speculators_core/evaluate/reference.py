@@ -60,6 +60,27 @@ def decode_threads(verifier: nn.Module) -> Iterator[int]:
         torch.set_num_threads(before)
 
 
+def rollback_cache(config: Any) -> Any:
+    """A transformers ``DynamicCache`` for the verifier of ``config`` whose every layer can be
+    cropped back, and re-indexed, after a round's rejected tokens.
+
+    For sliding-window layers (Gemma 2/3, gpt-oss, Mistral with a window) transformers keeps
+    only the last window of keys and refuses to crop them once the window is full; here those
+    layers keep every key instead. The attention mask still applies the window (transformers
+    builds it from the config, not from the cache), so the logits are the same; the cache just
+    holds more.
+    """
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+    cache = DynamicCache(config=config)
+    cache.layers = [
+        DynamicLayer() if isinstance(layer, DynamicSlidingWindowLayer) else layer
+        for layer in cache.layers
+    ]
+    return cache
+
+
 @torch.no_grad()
 def fastest_decode_threads(verifier: nn.Module, *, repeats: int = 3) -> int:
     """The torch thread count (the current one, or 1) that runs a small cached forward faster.
@@ -70,8 +91,6 @@ def fastest_decode_threads(verifier: nn.Module, *, repeats: int = 3) -> int:
     times slower than with one thread (seen: 145 ms with 1 thread, 700-1200 ms with 2, for
     SmolLM2 on a loaded 2-core CPU). Timing both settings on a short cache decides.
     """
-    from transformers import DynamicCache
-
     current = torch.get_num_threads()
     if current <= 1:
         return current
@@ -85,7 +104,7 @@ def fastest_decode_threads(verifier: nn.Module, *, repeats: int = 3) -> int:
     try:
         for threads in (current, 1):
             torch.set_num_threads(threads)
-            cache = DynamicCache(config=config)
+            cache = rollback_cache(config)
             verifier(input_ids=context, past_key_values=cache, use_cache=True)
             best = float("inf")
             for _ in range(repeats):
@@ -288,10 +307,7 @@ class ReferenceDecoder:
         self.proposal = proposal if proposal is not None else GREEDY
 
     def _new_cache(self) -> Any:
-        from transformers import DynamicCache
-
-        config: Any = self.verifier.config
-        return DynamicCache(config=config)
+        return rollback_cache(self.verifier.config)
 
     @torch.no_grad()
     def generate(
