@@ -24,6 +24,7 @@ __all__ = [
     "CHATML_TEMPLATE",
     "TINY_CORPUS",
     "VERIFIER_FAMILIES",
+    "VISION_LANGUAGE_FAMILIES",
     "chi_square_p_value",
     "evaluation_metrics",
     "make_tiny_tokenizer",
@@ -136,6 +137,33 @@ VERIFIER_FAMILIES: dict[str, dict[str, Any]] = {
     },
 }
 
+#: Vision-language verifiers: the text model's fields go into ``text_config`` (with the family's
+#: multimodal RoPE sections), beside a one-block vision tower.
+VISION_LANGUAGE_FAMILIES: dict[str, dict[str, Any]] = {
+    "qwen2_5_vl": {
+        "architectures": ["Qwen2_5_VLForConditionalGeneration"],
+        "text": {"rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]}},
+        "vision_config": {"depth": 1, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2},
+    },
+    "qwen3_vl": {
+        "architectures": ["Qwen3VLForConditionalGeneration"],
+        "text": {
+            "rope_scaling": {
+                "rope_type": "default",
+                "mrope_section": [2, 3, 3],
+                "mrope_interleaved": True,
+            }
+        },
+        "vision_config": {
+            "depth": 1,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_heads": 2,
+            "deepstack_visual_indexes": [],
+        },
+    },
+}
+
 
 def make_tiny_verifier(
     folder: str | os.PathLike[str],
@@ -157,17 +185,17 @@ def make_tiny_verifier(
     (the model's vocab is exactly the tokenizer's size). ``chat_template=None`` writes a
     tokenizer without a template (to test that error path).
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
-    if model_type not in VERIFIER_FAMILIES:
-        raise ValueError(f"model_type '{model_type}' is not one of {', '.join(VERIFIER_FAMILIES)}")
+    families = [*VERIFIER_FAMILIES, *VISION_LANGUAGE_FAMILIES]
+    if model_type not in families:
+        raise ValueError(f"model_type '{model_type}' is not one of {', '.join(families)}")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer = make_tiny_tokenizer(vocab_size)
     if chat_template is None:
         tokenizer.chat_template = None
-    config = AutoConfig.for_model(
-        model_type,
+    text: dict[str, Any] = dict(
         hidden_size=hidden_size,
         num_hidden_layers=num_layers,
         num_attention_heads=num_heads,
@@ -180,10 +208,21 @@ def make_tiny_verifier(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        **VERIFIER_FAMILIES[model_type],
     )
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config)
+    if model_type in VISION_LANGUAGE_FAMILIES:
+        family = VISION_LANGUAGE_FAMILIES[model_type]
+        config = AutoConfig.for_model(
+            model_type,
+            text_config={**text, **family["text"]},
+            vision_config={**family["vision_config"], "out_hidden_size": hidden_size},
+            architectures=family["architectures"],
+            tie_word_embeddings=tie_word_embeddings,
+        )
+        model = AutoModelForImageTextToText.from_config(config)
+    else:
+        config = AutoConfig.for_model(model_type, **text, **VERIFIER_FAMILIES[model_type])
+        model = AutoModelForCausalLM.from_config(config)
     with torch.no_grad():
         # Larger-than-default weights so hidden states and logits are far from uniform.
         for param in model.parameters():

@@ -114,19 +114,24 @@ def load_verifier_model(
     dtype: torch.dtype | None = None,
     device: str | torch.device | None = None,
 ) -> Any:
-    """The verifier as an eval-mode ``AutoModelForCausalLM``.
+    """The verifier as an eval-mode ``AutoModelForCausalLM``, or for a vision-language verifier
+    (a ``text_config`` beside a ``vision_config``: Qwen2.5-VL, Qwen3-VL) its
+    ``AutoModelForImageTextToText`` class, which reads text-only inputs the same way.
 
     ``dtype`` defaults to float32 on CPU (bf16 matmuls are slow on CPUs without AVX512-BF16)
     and bfloat16 on accelerators.
     """
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     folder = verifier_folder(path)
     dev = resolve_device(device)
     if dtype is None:
         dtype = torch.float32 if dev.type == "cpu" else torch.bfloat16
+    raw = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    multimodal = isinstance(raw.get("text_config"), dict) and "vision_config" in raw
+    auto_class: Any = AutoModelForImageTextToText if multimodal else AutoModelForCausalLM
     try:
-        model: Any = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
+        model: Any = auto_class.from_pretrained(str(folder), dtype=dtype)
     except (OSError, ValueError, KeyError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise VerifierError(f"could not load the verifier model from '{folder}': {first}") from err

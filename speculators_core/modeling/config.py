@@ -68,6 +68,10 @@ def draft_layer_fields(
         "tie_word_embeddings": False,
     }
     rope = getattr(vconfig, "rope_parameters", None)
+    if rope and isinstance(rope.get("full_attention"), dict):
+        # Per layer type (Gemma 3: a short-theta RoPE for sliding layers, a long one for full
+        # ones): the draft's layers attend to the whole context, so they take the full one.
+        rope = rope["full_attention"]
     if rope:
         fields["rope_parameters"] = dict(rope)
     if model_type == "llama":

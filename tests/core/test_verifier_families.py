@@ -2,9 +2,11 @@
 
 For every family of :data:`speculators_core.testing.VERIFIER_FAMILIES` (dense Llama, Mistral,
 Qwen2 with attention biases, Qwen3, the Qwen3-MoE mixture of experts, Gemma 2 and Gemma 3 with
-sliding-window layers, gpt-oss with experts and sliding windows): ``data prepare`` -> ``data
-hidden-states`` -> ``data vocab`` -> ``train`` (EAGLE-3) -> ``check``, all through the CLI, then
-the reference decoder with the trained draft against transformers' own greedy ``generate`` of the
+sliding-window layers, gpt-oss with experts and sliding windows) and the vision-language verifiers
+of :data:`~speculators_core.testing.VISION_LANGUAGE_FAMILIES` (Qwen2.5-VL, Qwen3-VL: the text
+model in ``text_config``, text-only conversations): ``data prepare`` -> ``data
+hidden-states`` -> ``data vocab`` -> ``train`` (EAGLE-3, P-EAGLE and DFlash on the same store) ->
+``check``, all through the CLI, then the reference decoder with each trained draft against transformers' own greedy ``generate`` of the
 verifier (an independent decoder): the tokens must be the same, whatever the draft proposed.
 The prompts are longer than the sliding window, so the windowed families decode past it with
 rolled-back rounds.
@@ -20,9 +22,19 @@ import torch
 from click.testing import CliRunner
 
 from speculators_core.cli.main import cli
-from speculators_core.testing import VERIFIER_FAMILIES, make_tiny_verifier
+from speculators_core.testing import VERIFIER_FAMILIES, VISION_LANGUAGE_FAMILIES, make_tiny_verifier
 
-FAMILIES = [name for name in VERIFIER_FAMILIES if name not in ("llama", "qwen3")]
+FAMILIES = [
+    *(name for name in VERIFIER_FAMILIES if name not in ("llama", "qwen3")),
+    *VISION_LANGUAGE_FAMILIES,
+]
+K = 3
+#: Each algorithm's training options for k = 3 (EAGLE-3's are its defaults).
+ALGORITHMS: dict[str, list[str]] = {
+    "eagle3": [],
+    "peagle": ["--algo-opt", f"num_depths={K}"],
+    "dflash": ["--algo-opt", f"block_size={K + 1}", "--algo-opt", "max_anchors=16"],
+}
 QUESTIONS = [
     "tell me about the weather in the mountains and the sea today",
     "what is the best way to learn a new language quickly and well",
@@ -49,8 +61,9 @@ def _run(args: list[object]) -> None:
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_family_through_the_pipeline(family: str, tmp_path: Path) -> None:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
+    from speculators_core.data.verifier import load_verifier_model
     from speculators_core.evaluate.reference import ReferenceDecoder
     from speculators_core.loading import load_speculator
 
@@ -62,34 +75,55 @@ def test_family_through_the_pipeline(family: str, tmp_path: Path) -> None:
           "--output", tmp_path / "store", "--algorithm", "eagle3"])  # fmt: skip
     _run(["data", "vocab", "--data", tmp_path / "store", "--output", tmp_path / "vocab",
           "--draft-vocab-size", 128])  # fmt: skip
-    _run(["train", "--algorithm", "eagle3", "--verifier", verifier, "--data", tmp_path / "store",
-          "--output", tmp_path / "run", "--vocab", tmp_path / "vocab", "--draft-vocab-size", 128,
-          "--seq-len", 128, "--max-steps", 4, "--learning-rate", "1e-3", "--val-fraction", 0,
-          "--no-progress", "--no-console-log"])  # fmt: skip
-    final = tmp_path / "run" / "final"
-    _run(["check", final])
-
-    model = AutoModelForCausalLM.from_pretrained(verifier, dtype=torch.float32).eval()
+    model = load_verifier_model(verifier)  # transformers' own class for the family
     tokenizer = AutoTokenizer.from_pretrained(verifier)
-    draft = load_speculator(final, verifier=verifier)
-    decoder = ReferenceDecoder(model, draft, k=3)
-    for question in QUESTIONS:
-        prompt = tokenizer.apply_chat_template(
+    prompts = [
+        tokenizer.apply_chat_template(
             [{"role": "user", "content": question}],
             add_generation_prompt=True,
             tokenize=True,
             return_dict=False,
         )
-        assert len(prompt) > 8  # past the tiny sliding window of the windowed families
-        with torch.no_grad():
-            expected = model.generate(
+        for question in QUESTIONS
+    ]
+    with torch.no_grad():
+        expected = [
+            model.generate(
                 torch.tensor([prompt]),
                 max_new_tokens=16,
                 min_new_tokens=16,
                 do_sample=False,
                 pad_token_id=tokenizer.pad_token_id,
             )[0].tolist()[len(prompt) :]
+            for prompt in prompts
+        ]
+    for algorithm, options in ALGORITHMS.items():
+        run = tmp_path / f"run-{algorithm}"
+        _run(["train", "--algorithm", algorithm, "--verifier", verifier, "--data",
+              tmp_path / "store", "--output", run, "--vocab", tmp_path / "vocab",
+              "--draft-vocab-size", 128, "--seq-len", 128, "--max-steps", 4,
+              "--learning-rate", "1e-3", "--val-fraction", 0, "--no-progress",
+              "--no-console-log", *options])  # fmt: skip
+        _run(["check", run / "final"])
+        draft = load_speculator(run / "final", verifier=verifier)
+        decoder = ReferenceDecoder(model, draft, k=K)
         decoder.eos = set()  # decode exactly as many tokens as generate() did
-        result = decoder.generate(prompt, max_new_tokens=16)
-        assert result.tokens == expected, family
-        assert result.stats.rounds > 0
+        for prompt, want in zip(prompts, expected, strict=True):
+            assert len(prompt) > 8  # past the tiny sliding window of the windowed families
+            result = decoder.generate(prompt, max_new_tokens=16)
+            assert result.tokens == want, (family, algorithm)
+            assert result.stats.rounds > 0
+
+
+def test_per_layer_type_rope_gives_the_draft_the_full_attention_one(tmp_path: Path) -> None:
+    """Gemma 3 has one RoPE for sliding layers and one for full ones; the draft attends to the
+    whole context, so its layers take the full-attention RoPE."""
+    from speculators_core.modeling.config import draft_layer_fields
+    from speculators_core.modeling.verifier import load_verifier_config
+
+    verifier = make_tiny_verifier(tmp_path / "v", model_type="gemma3_text", num_layers=8)
+    vconfig = load_verifier_config(verifier)
+    per_type = vconfig.rope_parameters
+    assert per_type["full_attention"] != per_type["sliding_attention"]
+    fields = draft_layer_fields(vconfig)
+    assert fields["rope_parameters"] == dict(per_type["full_attention"])
