@@ -121,11 +121,13 @@ VERIFIER_FAMILIES: dict[str, dict[str, Any]] = {
     },
     "gemma2": {
         "architectures": ["Gemma2ForCausalLM"],
+        "tie_word_embeddings": True,  # as the real ones (vLLM's Gemma has no separate head)
         "query_pre_attn_scalar": 16,
         "sliding_window": 8,
     },
     "gemma3_text": {
         "architectures": ["Gemma3ForCausalLM"],
+        "tie_word_embeddings": True,  # as the real ones (vLLM's Gemma has no separate head)
         "query_pre_attn_scalar": 16,
         "sliding_window": 8,
     },
@@ -221,7 +223,7 @@ def make_tiny_verifier(
         )
         model = AutoModelForImageTextToText.from_config(config)
     else:
-        config = AutoConfig.for_model(model_type, **text, **VERIFIER_FAMILIES[model_type])
+        config = AutoConfig.for_model(model_type, **{**text, **VERIFIER_FAMILIES[model_type]})
         model = AutoModelForCausalLM.from_config(config)
     with torch.no_grad():
         # Larger-than-default weights so hidden states and logits are far from uniform.

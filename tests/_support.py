@@ -135,8 +135,9 @@ def fit_tiny_draft(
     speculative_tokens: int,
     algorithm: str = "eagle3",
     steps: int = 60,
+    model_type: str = "llama",
 ) -> dict[str, Any]:
-    """A tiny verifier vLLM for CPU serves and a draft (``eagle3``, ``peagle`` or ``dflash``) fitted to its
+    """A tiny verifier (of family ``model_type``) vLLM for CPU serves and a draft (``eagle3``, ``peagle`` or ``dflash``) fitted to its
     own greedy continuations of ``questions`` (so vLLM must accept the draft's tokens), saved in
     ``root/draft``. Returns the verifier folder, the draft folder, the loaded verifier model,
     its tokenizer, the prompts, the continuations and the fit's history."""
@@ -150,7 +151,9 @@ def fit_tiny_draft(
     from speculators_core.testing import make_tiny_verifier
 
     # head_dim 32: vLLM's CPU attention supports head sizes 32, 64, 80, ... (not 16).
-    verifier = make_tiny_verifier(root / "verifier", num_heads=2, num_kv_heads=1)
+    verifier = make_tiny_verifier(
+        root / "verifier", model_type=model_type, num_heads=2, num_kv_heads=1
+    )
     # transformers' greedy continuations: the draft's training data
     model, tokenizer, prompts, greedy = greedy_continuations(verifier, questions, new_tokens)
     counts = Counter(t for p, g in zip(prompts, greedy) for t in p + g)
