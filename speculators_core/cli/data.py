@@ -8,9 +8,10 @@ Heavy modules are imported inside the commands so ``speculators --help`` stays f
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, cast
 
 import click
 from click.core import ParameterSource
@@ -35,7 +36,25 @@ def _verifier_option(func: click.decorators.FC) -> click.decorators.FC:
     )(func)
 
 
+#: ``--data-split``/``--data-config``: which split and configuration of a ``datasets`` source.
+_HUB_HELP = (
+    "of each datasets source among --data (hf:NAME, or owner/name that is no local path), as "
+    "datasets.load_dataset takes it"
+)
+
+
 def _data_options(func: click.decorators.FC) -> click.decorators.FC:
+    @functools.wraps(func)
+    def with_resolved_sources(
+        *args: Any, data_split: str | None, data_config: str | None, **kwargs: Any
+    ) -> Any:
+        from speculators_core.data.conversations import resolve_sources
+
+        kwargs["sources"] = tuple(
+            resolve_sources(kwargs["sources"], data_split=data_split, data_config=data_config)
+        )
+        return func(*args, **kwargs)
+
     options = [
         click.option(
             "--data",
@@ -43,8 +62,11 @@ def _data_options(func: click.decorators.FC) -> click.decorators.FC:
             required=True,
             multiple=True,
             help="Chat data: a .json/.jsonl/.parquet/.arrow/.csv file, a folder of them, a saved datasets folder, "
-            "or 'sharegpt' (built in). Repeatable.",
+            "a datasets name (hf:NAME, or owner/name; streamed), or 'sharegpt' (built in). "
+            "Repeatable.",
         ),
+        click.option("--data-split", default=None, help=f"Split (default: train) {_HUB_HELP}."),
+        click.option("--data-config", default=None, help=f"Configuration {_HUB_HELP}."),
         click.option(
             "--output", required=True, type=click.Path(path_type=Path), help="Output folder."
         ),
@@ -77,9 +99,10 @@ def _data_options(func: click.decorators.FC) -> click.decorators.FC:
         ),
         click.option("--overwrite", is_flag=True, help="Replace an existing output folder."),
     ]
+    decorated: Any = with_resolved_sources
     for option in reversed(options):
-        func = option(func)
-    return func
+        decorated = option(decorated)
+    return cast("click.decorators.FC", decorated)
 
 
 def _spec_options(note: str = "") -> Callable[[click.decorators.FC], click.decorators.FC]:

@@ -35,7 +35,17 @@ __all__ = ["quickstart_command"]
     multiple=True,
     default=("sharegpt",),
     show_default=True,
-    help="Chat data: 'sharegpt' (built in, training split) or .json/.jsonl/.parquet/.arrow/.csv files or folders. Repeatable.",
+    help="Chat data: 'sharegpt' (built in, training split), .json/.jsonl/.parquet/.arrow/.csv files or folders, or a datasets name (hf:NAME, or owner/name; streamed). Repeatable.",
+)
+@click.option(
+    "--data-split",
+    default=None,
+    help="Split (default: train) of each datasets source among --data.",
+)
+@click.option(
+    "--data-config",
+    default=None,
+    help="Configuration of each datasets source among --data.",
 )
 @click.option(
     "--output",
@@ -209,6 +219,8 @@ def quickstart_command(
     verifier: str,
     algorithm: str,
     data: tuple[str, ...],
+    data_split: str | None,
+    data_config: str | None,
     output: Path,
     budget_minutes: float,
     samples: int | None,
@@ -248,6 +260,7 @@ def quickstart_command(
     """
     from speculators_core.cli.plugin_host import command_host
     from speculators_core.cli.train import parse_algo_options, with_flag_option
+    from speculators_core.data.conversations import resolve_sources
     from speculators_core.options import positive_ints
     from speculators_core.quickstart.pipeline import run_quickstart
     from speculators_core.quickstart.settings import QuickstartSettings
@@ -261,7 +274,7 @@ def quickstart_command(
     settings = QuickstartSettings(
         verifier=verifier,
         algorithm=algorithm,
-        data=list(data),
+        data=resolve_sources(data, data_split=data_split, data_config=data_config),
         budget_minutes=budget_minutes,
         samples=samples,
         regenerate=regenerate,

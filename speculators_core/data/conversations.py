@@ -15,7 +15,11 @@ write) or ``.csv`` file (one record per row, read a record batch at a time; in C
 ``conversations``/``messages`` cell holds the turns as JSON text), a folder (every such file under
 it, sorted by path), a folder saved with ``datasets.Dataset.save_to_disk``, or the built-in name
 ``sharegpt`` (see :mod:`speculators_core.assets`; ``--split`` picks its train or held-out
-records).
+records), or a ``datasets`` dataset by name: ``hf:NAME`` (a hub id such as
+``HuggingFaceH4/ultrachat_200k``, or a local dataset folder or script ``datasets.load_dataset``
+reads), also a bare ``owner/name`` that is not a local path; ``--data-config`` and
+``--data-split`` pick its configuration and split (see :func:`resolve_sources`). Such a dataset
+is streamed (``load_dataset(..., streaming=True)``), a record at a time.
 
 What is an error and what is a counted skip: a source that does not exist, an empty file and a
 line that is not JSON are errors (the data itself is broken; one line names the file and the
@@ -33,6 +37,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -49,9 +54,11 @@ __all__ = [
     "SkipRecord",
     "Turn",
     "describe_source",
+    "hub_source",
     "iter_records",
     "load_conversations",
     "normalize_record",
+    "resolve_sources",
 ]
 
 #: Named built-in sources (``--data sharegpt``).
@@ -184,8 +191,11 @@ def normalize_record(record: Any) -> Conversation:
 
 
 def describe_source(source: str | os.PathLike[str]) -> str:
-    """A stable description of a source for manifests: ``builtin:sharegpt`` or an absolute path."""
+    """A stable description of a source for manifests: ``builtin:sharegpt``, a
+    :func:`hub_source` string, or an absolute path."""
     text = str(source)
+    if text.startswith(HUB_PREFIX):
+        return text
     if _builtin_name(text) is not None:
         return f"builtin:{_builtin_name(text)}"
     return str(Path(text).resolve())
@@ -196,6 +206,98 @@ def _builtin_name(text: str) -> str | None:
     if name in BUILTIN_SOURCES and (text.startswith("builtin:") or not Path(text).exists()):
         return name
     return None
+
+
+#: Prefix of a ``datasets`` dataset source (``hf:NAME?config=C&split=S``).
+HUB_PREFIX = "hf:"
+_HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def hub_source(name: str, *, split: str = "train", config: str | None = None) -> str:
+    """The source string of the ``datasets`` dataset ``name``: ``hf:NAME?config=C&split=S``
+    (recorded as such in manifests, so the configuration and split are part of the data's
+    identity)."""
+    query = f"config={config}&split={split}" if config else f"split={split}"
+    return f"{HUB_PREFIX}{name}?{query}"
+
+
+def _parse_hub_source(text: str) -> tuple[str, str | None, str]:
+    """``(name, config, split)`` of a :func:`hub_source` string (``hf:NAME`` alone: all
+    defaults)."""
+    body = text[len(HUB_PREFIX) :]
+    name, _, query = body.partition("?")
+    fields = dict(part.partition("=")[::2] for part in query.split("&") if part)
+    unknown = sorted(set(fields) - {"config", "split"})
+    if not name or unknown:
+        raise DataSourceError(
+            f"data source '{text}' is not a dataset name; write hf:NAME and pick the "
+            "configuration and split with --data-config and --data-split"
+        )
+    return name, fields.get("config") or None, fields.get("split") or "train"
+
+
+def _is_hub_name(text: str) -> bool:
+    """``hf:...``, or ``owner/name`` that is no local path, built-in name or data file."""
+    if text.startswith(HUB_PREFIX):
+        return True
+    if _builtin_name(text) is not None or Path(text).exists():
+        return False
+    return bool(_HUB_NAME.fullmatch(text)) and Path(text).suffix.lower() not in DATA_SUFFIXES
+
+
+def resolve_sources(
+    sources: Sequence[str | os.PathLike[str]],
+    *,
+    data_split: str | None = None,
+    data_config: str | None = None,
+) -> list[str]:
+    """``sources`` with every ``datasets`` name written as a :func:`hub_source` string carrying
+    ``data_split`` (default ``train``) and ``data_config``; other sources unchanged.
+
+    ``data_split``/``data_config`` given without any dataset name among the sources is an error
+    (they would silently do nothing).
+    """
+    resolved: list[str] = []
+    any_hub = False
+    for source in sources:
+        text = str(source)
+        if not _is_hub_name(text):
+            resolved.append(text)
+            continue
+        any_hub = True
+        if text.startswith(HUB_PREFIX):
+            name, config, split = _parse_hub_source(text)
+        else:
+            name, config, split = text, None, "train"
+        resolved.append(hub_source(name, split=data_split or split, config=data_config or config))
+    if (data_split or data_config) and not any_hub:
+        raise DataSourceError(
+            "--data-split/--data-config apply to datasets names (hf:NAME or owner/name) only; "
+            "no --data source is one"
+        )
+    return resolved
+
+
+def _read_hub_dataset(text: str) -> Iterator[Any]:
+    name, config, split = _parse_hub_source(text)
+    try:
+        import datasets
+    except ImportError:
+        from speculators_core.assets import MissingPackageError
+
+        raise MissingPackageError(
+            f"'{name}' names a datasets dataset; reading it needs: pip install datasets"
+        ) from None
+    try:
+        loaded = datasets.load_dataset(name, config, split=split, streaming=True)
+    except Exception as err:  # datasets raises many types: name, config, split, network
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DataSourceError(
+            f"dataset '{name}' (configuration {config or 'default'}, split {split}) could not "
+            f"be loaded: {first}; check the name, --data-config and --data-split, or download "
+            "its files and pass them with --data"
+        ) from None
+    yield from loaded
 
 
 def _is_saved_dataset(path: Path) -> bool:
@@ -381,6 +483,13 @@ def iter_records(source: str | os.PathLike[str], *, split: str = "train") -> Ite
         if split not in ("train", "heldout"):
             raise DataSourceError(f"unknown split '{split}'; use 'train' or 'heldout'")
         return sharegpt_records(split)  # type: ignore[arg-type]
+    if text.startswith(HUB_PREFIX):
+        if split != "train":
+            raise DataSourceError(
+                f"split '{split}' applies to built-in sources only; pick a dataset's split "
+                "with --data-split"
+            )
+        return _read_hub_dataset(text)
     if split != "train":
         raise DataSourceError(
             f"split '{split}' applies to built-in sources only ({', '.join(BUILTIN_SOURCES)}); "
