@@ -42,7 +42,9 @@ from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
+
+import numpy as np
 
 from speculators_core.data.errors import DataSourceError
 from speculators_core.errors import SpeculatorsError
@@ -50,6 +52,7 @@ from speculators_core.errors import SpeculatorsError
 __all__ = [
     "BUILTIN_SOURCES",
     "Conversation",
+    "ShuffledConversations",
     "SkipCounter",
     "SkipRecord",
     "Turn",
@@ -59,6 +62,7 @@ __all__ = [
     "load_conversations",
     "normalize_record",
     "resolve_sources",
+    "shuffled_indices",
 ]
 
 #: Named built-in sources (``--data sharegpt``).
@@ -561,3 +565,121 @@ def load_conversations(
     if seed is not None:
         random.Random(seed).shuffle(conversations)
     return conversations
+
+
+# ------------------------------------------------------------------------------------------------
+# streaming in shuffled order
+# ------------------------------------------------------------------------------------------------
+
+
+def shuffled_indices(n: int, seed: int) -> np.ndarray:
+    """``range(n)`` permuted exactly as ``random.Random(seed).shuffle`` permutes a list of ``n``
+    items, held in an int64 array (8 bytes per item, not a Python list of ints).
+
+    The same Fisher-Yates walk as :meth:`random.Random.shuffle` with the same draws, so the
+    order of a :class:`ShuffledConversations` equals that of :func:`load_conversations`.
+    """
+    order = np.arange(n, dtype=np.int64)
+    # The private draw random.shuffle makes for each swap (CPython 3.x); a test checks equality.
+    randbelow = getattr(random.Random(seed), "_randbelow")  # noqa: B009
+    for i in range(n - 1, 0, -1):
+        j = randbelow(i + 1)
+        order[i], order[j] = order[j], order[i]
+    return order
+
+
+class ShuffledConversations(Sequence[Conversation]):
+    """The usable conversations of ``sources`` in the order of :func:`load_conversations`
+    (seeded shuffle, or source order when ``seed`` is None), read from the sources on demand.
+
+    Memory does not grow with the number of records: one pass at construction counts the
+    usable conversations (skips are counted in ``skipped`` then, once) and keeps only the
+    permutation (8 bytes a conversation); reading ``self[a:b]`` streams the sources once and
+    keeps the conversations asked for. Iterating reads chunks that double in size, so taking
+    the first ``m`` conversations costs about ``log2(m / 1024) + 1`` passes and holds at most
+    about ``m`` conversations. The sources must give the same records in the same order on
+    every pass (files, folders, built-in and ``datasets`` sources do).
+    """
+
+    _FIRST_CHUNK = 1024
+
+    def __init__(
+        self,
+        sources: Sequence[str | os.PathLike[str]] | str | os.PathLike[str],
+        *,
+        split: str = "train",
+        seed: int | None = 0,
+        skipped: SkipCounter | None = None,
+    ) -> None:
+        if isinstance(sources, (str, os.PathLike)):
+            sources = [sources]
+        self._sources = list(sources)
+        self._split = split
+        counter = skipped if skipped is not None else SkipCounter()
+        count = 0
+        for _conversation in self._usable(counter):
+            count += 1
+        self._count = count
+        self._order = shuffled_indices(count, seed) if seed is not None else None
+
+    def _usable(self, counter: SkipCounter | None = None) -> Iterator[Conversation]:
+        for source in self._sources:
+            for record in iter_records(source, split=self._split):
+                try:
+                    yield normalize_record(record)
+                except SkipRecord as skip:
+                    if counter is not None:
+                        counter.add(skip.reason)
+
+    def __len__(self) -> int:
+        return self._count
+
+    def _positions(self, start: int, stop: int) -> list[int]:
+        if self._order is None:
+            return list(range(start, stop))
+        return [int(i) for i in self._order[start:stop]]
+
+    def _fetch(self, positions: list[int]) -> list[Conversation]:
+        """The conversations at these source positions (usable-conversation indices), in the
+        order asked, from one pass that stops after the last one."""
+        if not positions:
+            return []
+        slot = {position: i for i, position in enumerate(positions)}
+        found: list[Conversation | None] = [None] * len(positions)
+        last = max(positions)
+        for index, conversation in enumerate(self._usable()):
+            where = slot.get(index)
+            if where is not None:
+                found[where] = conversation
+            if index >= last:
+                break
+        if any(c is None for c in found):
+            raise DataSourceError(
+                "the data sources gave fewer records on a second read than on the first; "
+                "use sources that do not change while they are read"
+            )
+        return [c for c in found if c is not None]
+
+    @overload
+    def __getitem__(self, index: int) -> Conversation: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[Conversation]: ...
+
+    def __getitem__(self, index: int | slice) -> Conversation | list[Conversation]:
+        if isinstance(index, slice):
+            start, stop, step = index.indices(self._count)
+            if step != 1:
+                raise ValueError("ShuffledConversations slices take step 1 only")
+            return self._fetch(self._positions(start, max(start, stop)))
+        position = index + self._count if index < 0 else index
+        if not 0 <= position < self._count:
+            raise IndexError(f"conversation {index} of {self._count}")
+        return self._fetch(self._positions(position, position + 1))[0]
+
+    def __iter__(self) -> Iterator[Conversation]:
+        start, size = 0, self._FIRST_CHUNK
+        while start < self._count:
+            yield from self[start : start + size]
+            start += size
+            size *= 2

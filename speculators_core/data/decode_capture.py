@@ -45,12 +45,12 @@ from speculators_core.data.capture import StateRecorder, decoder_parts
 from speculators_core.data.chat import ChatRenderer
 from speculators_core.data.conversations import (
     Conversation,
+    ShuffledConversations,
     SkipCounter,
     SkipRecord,
     Turn,
     describe_source,
     first_turns,
-    load_conversations,
 )
 from speculators_core.data.errors import DataSourceError, StoreError
 from speculators_core.data.locking import exclusive_lock
@@ -392,7 +392,7 @@ def regenerate_to_store(
         raise StoreError(f"{err}; pick layer ids for verifier '{folder}'") from None
     renderer = ChatRenderer.from_verifier(folder, seq_length=seq_length)
     skipped = SkipCounter()
-    conversations = load_conversations(sources, split=split, seed=seed, skipped=skipped)
+    conversations = ShuffledConversations(sources, split=split, seed=seed, skipped=skipped)
     prompts: list[tuple[list[Turn], list[int]]] = []
     # Render prompts until enough are kept (rendering is cheap; a long source is not rendered whole).
     step = max(64, max_samples or 0)

@@ -31,10 +31,10 @@ from torch.utils.data import Dataset
 from speculators_core.data.chat import ChatRenderer
 from speculators_core.data.conversations import (
     Conversation,
+    ShuffledConversations,
     SkipCounter,
     SkipRecord,
     describe_source,
-    load_conversations,
 )
 from speculators_core.data.errors import DatasetFormatError, DataSourceError
 from speculators_core.data.summary import DataSummary
@@ -316,7 +316,7 @@ def prepare_data(
     verifier = verifier_folder(verifier)
     renderer = ChatRenderer.from_verifier(verifier, seq_length=seq_length)
     skipped = SkipCounter()
-    conversations = load_conversations(sources, split=split, seed=seed, skipped=skipped)
+    conversations = ShuffledConversations(sources, split=split, seed=seed, skipped=skipped)
     kept, _ = render_conversations(
         renderer, conversations, max_samples=max_samples, skipped=skipped, progress=progress
     )

@@ -32,12 +32,12 @@ import torch
 from speculators_core.data.chat import ChatRenderer
 from speculators_core.data.conversations import (
     Conversation,
+    ShuffledConversations,
     SkipCounter,
     SkipRecord,
     Turn,
     describe_source,
     first_turns,
-    load_conversations,
     normalize_record,
 )
 from speculators_core.data.errors import DataSourceError, StoreError
@@ -288,11 +288,10 @@ def regenerate_data(
     folder = verifier_folder(verifier)
     renderer = ChatRenderer.from_verifier(folder, seq_length=seq_length)
     skipped = SkipCounter()
-    conversations = load_conversations(sources, split=split, seed=seed, skipped=skipped)
+    shuffled = ShuffledConversations(sources, split=split, seed=seed, skipped=skipped)
+    conversations = shuffled[:max_samples] if max_samples is not None else list(shuffled)
     if max_turns is not None:
         conversations = [first_turns(c, max_turns) for c in conversations]
-    if max_samples is not None:
-        conversations = conversations[:max_samples]
     if not conversations:
         raise DataSourceError(
             f"no usable conversation in {', '.join(map(str, sources))} ({skipped.describe()})"

@@ -217,3 +217,83 @@ def test_a_folder_mixes_file_types_in_path_order(tmp_path: Path):
     (tmp_path / "chats.csv").rename(folder / "c.csv")
     got = [c[0].content for c in load_conversations(folder, seed=None)]
     assert got == ["q0", "q1", "q2", "q1", "q2"]
+
+
+# ------------------------------------------------------------------------------------------------
+# ShuffledConversations: the same order as load_conversations, read on demand
+# ------------------------------------------------------------------------------------------------
+
+
+def test_shuffled_indices_is_random_shuffle() -> None:
+    import random
+
+    from speculators_core.data.conversations import shuffled_indices
+
+    for n in (0, 1, 2, 3, 10, 257, 5000):
+        for seed in (0, 1, 12345):
+            expected = list(range(n))
+            random.Random(seed).shuffle(expected)
+            assert shuffled_indices(n, seed).tolist() == expected
+
+
+@pytest.mark.parametrize("seed", [0, 3, None])
+def test_shuffled_conversations_equal_load_conversations(
+    tmp_path: Path, seed: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from speculators_core.data.conversations import (
+        ShuffledConversations,
+        SkipCounter,
+        load_conversations,
+    )
+
+    first, second = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    lines = []
+    for i in range(2500):
+        if i % 7 == 0:
+            lines.append(json.dumps({"messages": [{"role": "user", "content": f"q{i}"}]}))
+        else:
+            lines.append(json.dumps({"messages": [
+                {"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"},
+            ]}))  # fmt: skip
+    first.write_text("\n".join(lines[:1200]) + "\n")
+    second.write_text("\n".join(lines[1200:]) + "\n")
+    sources = [str(first), str(second)]
+    expected_skips, got_skips = SkipCounter(), SkipCounter()
+    expected = load_conversations(sources, seed=seed, skipped=expected_skips)
+    lazy = ShuffledConversations(sources, seed=seed, skipped=got_skips)
+    assert got_skips.counts == expected_skips.counts  # counted once, at construction
+    assert len(lazy) == len(expected)
+    # Slices and indexing read what they are asked for, in the shuffled order.
+    assert lazy[10:25] == expected[10:25]
+    assert lazy[-1] == expected[-1] and lazy[0] == expected[0]
+    assert lazy[len(expected) - 3 : len(expected) + 9] == expected[-3:]
+    with pytest.raises(IndexError):
+        lazy[len(expected)]
+    # Iteration reads chunks of 1024, 2048, ...: count the passes over the sources.
+    import speculators_core.data.conversations as module
+
+    passes = 0
+    original = module.iter_records
+
+    def counting(source, **kwargs):  # type: ignore[no-untyped-def]
+        nonlocal passes
+        if source == sources[0]:
+            passes += 1
+        return original(source, **kwargs)
+
+    monkeypatch.setattr(module, "iter_records", counting)
+    assert list(lazy) == expected
+    assert passes == 2  # 1024 + 2048 >= 2142 usable conversations
+    assert got_skips.counts == expected_skips.counts  # re-reading counts nothing again
+
+
+def test_shuffled_conversations_refuse_a_source_that_shrinks(tmp_path: Path) -> None:
+    from speculators_core.data.conversations import ShuffledConversations
+
+    path = tmp_path / "chats.jsonl"
+    record = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+    path.write_text((json.dumps(record) + "\n") * 10)
+    lazy = ShuffledConversations([str(path)], seed=None)
+    path.write_text((json.dumps(record) + "\n") * 4)
+    with pytest.raises(SpeculatorsError, match="fewer records on a second read"):
+        lazy[0:10]
