@@ -275,6 +275,20 @@ def _load_row(path: Path) -> dict[str, Any]:
     return load_file(str(path))
 
 
+def _row_samples(row: dict[str, Any]) -> list[dict[str, Any]]:
+    """The conversations of a packed row written by :func:`_write_row`, as trainer samples."""
+    samples, start = [], 0
+    for length in row["lengths"].tolist():
+        samples.append(
+            {
+                key: row[key][start : start + length]
+                for key in ("input_ids", "loss_mask", "hidden_states")
+            }
+        )
+        start += length
+    return samples
+
+
 def child_ours(work: Path, seq_len: int, draft_vocab: int) -> dict[str, Any]:
     """The EAGLE-3 plugin's training step + backward + clip + AdamW on one packed row."""
     import torch
@@ -298,16 +312,7 @@ def child_ours(work: Path, seq_len: int, draft_vocab: int) -> dict[str, Any]:
     model.to(device)
     model.train()
     row = _load_row(work / f"row-{seq_len}.safetensors")
-    samples, start = [], 0
-    for length in row["lengths"].tolist():
-        samples.append(
-            {
-                "input_ids": row["input_ids"][start : start + length],
-                "loss_mask": row["loss_mask"][start : start + length],
-                "hidden_states": row["hidden_states"][start : start + length],
-            }
-        )
-        start += length
+    samples = _row_samples(row)
     source = InMemorySource(samples)
     feature = FeatureShape(NUM_AUX + 1, settings["shape"]["hidden_size"], torch.bfloat16)
     pieces = [Piece(i, 0, len(s["input_ids"])) for i, s in enumerate(samples)]
@@ -354,16 +359,7 @@ def child_fsdp(work: Path, seq_len: int, draft_vocab: int) -> dict[str, Any]:
         attn_implementation="auto" if cuda else "sdpa",
     )
     row = _load_row(work / f"row-{seq_len}.safetensors")
-    samples, start = [], 0
-    for length in row["lengths"].tolist():
-        samples.append(
-            {
-                "input_ids": row["input_ids"][start : start + length],
-                "loss_mask": row["loss_mask"][start : start + length],
-                "hidden_states": row["hidden_states"][start : start + length],
-            }
-        )
-        start += length
+    samples = _row_samples(row)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     # Every rank gets whole rows: the samples repeat so that each step has one row per rank.
     source = InMemorySource(samples * (world * (settings["steps"] + 1)))

@@ -61,6 +61,7 @@ def _run(args: list[object]) -> None:
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_family_through_the_pipeline(family: str, tmp_path: Path) -> None:
+    from _support import chat_prompts
     from transformers import AutoTokenizer
 
     from speculators_core.data.verifier import load_verifier_model
@@ -77,15 +78,7 @@ def test_family_through_the_pipeline(family: str, tmp_path: Path) -> None:
           "--draft-vocab-size", 128])  # fmt: skip
     model = load_verifier_model(verifier)  # transformers' own class for the family
     tokenizer = AutoTokenizer.from_pretrained(verifier)
-    prompts = [
-        tokenizer.apply_chat_template(
-            [{"role": "user", "content": question}],
-            add_generation_prompt=True,
-            tokenize=True,
-            return_dict=False,
-        )
-        for question in QUESTIONS
-    ]
+    prompts = chat_prompts(tokenizer, QUESTIONS)
     with torch.no_grad():
         expected = [
             model.generate(
