@@ -180,6 +180,13 @@ def data_group() -> None:
 @data_group.command("prepare")
 @_verifier_option
 @_data_options
+@click.option(
+    "--reasoning-loss/--no-reasoning-loss",
+    default=True,
+    show_default=True,
+    help="Supervise an answer's thinking (reasoning_content, or inline <think>...</think>) "
+    "as well as the answer; --no-reasoning-loss keeps it in the context only.",
+)
 def prepare_command(
     verifier: Path,
     sources: tuple[str, ...],
@@ -189,6 +196,7 @@ def prepare_command(
     split: str,
     seed: int,
     overwrite: bool,
+    reasoning_loss: bool,
 ) -> None:
     """Render chat data with the verifier's template and derive loss masks."""
     from speculators_core.data.prepared import prepare_data
@@ -203,6 +211,7 @@ def prepare_command(
         seed=seed,
         overwrite=overwrite,
         progress=True,
+        reasoning_loss=reasoning_loss,
     )
     click.echo(summary.describe())
 

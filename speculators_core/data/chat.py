@@ -11,9 +11,18 @@ prompt (everything the model sees before it starts answering) and ``turns[:j+1]`
 (the same plus the finished answer). Both renders must be prefixes of the render of the whole
 conversation; the characters between their ends are the assistant's. The whole conversation is
 tokenized once, and a token is supervised when its first character lies in such a span and no
-end-of-turn token came before it in that span. A template that rewrites earlier turns once
-later ones exist (so that a prefix render is not a prefix of the whole) is refused with a
+end-of-turn token came before it in that span.
+
+Templates that rewrite an earlier answer once later turns exist (Qwen3 drops the thinking of
+answers before the last user turn): the answer's render as the last turn is then not a prefix of
+the whole, so its span runs from the end of its prompt (which must still be a prefix) to the
+next answer's prompt, and its end-of-turn token ends it; a template that rewrites the prompts
+themselves, or ends no rewritten answer with an end-of-turn token, is refused with a
 :class:`~speculators_core.data.errors.ChatTemplateError`.
+
+Reasoning: with ``reasoning_loss=False`` an answer's span starts where its content starts (found
+by rendering the turn with a sentinel for the content), or after an inline ``</think>``, so its
+thinking stays in the context but out of the loss.
 
 **Truncation point:** a conversation longer than ``seq_length`` tokens keeps its first
 ``seq_length`` tokens (the start of the chat is kept whole; an answer cut in the middle still
@@ -24,7 +33,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from speculators_core.data.conversations import SkipRecord, Turn
@@ -62,7 +71,13 @@ class ChatRenderer:
     """
 
     def __init__(
-        self, tokenizer: Any, *, eos_ids: set[int], seq_length: int | None = None, name: str = ""
+        self,
+        tokenizer: Any,
+        *,
+        eos_ids: set[int],
+        seq_length: int | None = None,
+        name: str = "",
+        reasoning_loss: bool = True,
     ) -> None:
         if not getattr(tokenizer, "chat_template", None):
             raise ChatTemplateError(
@@ -79,10 +94,15 @@ class ChatRenderer:
         self.eos_ids = frozenset(eos_ids)
         self.seq_length = seq_length
         self.name = name
+        self.reasoning_loss = reasoning_loss
 
     @classmethod
     def from_verifier(
-        cls, verifier: str | os.PathLike[str], *, seq_length: int | None = None
+        cls,
+        verifier: str | os.PathLike[str],
+        *,
+        seq_length: int | None = None,
+        reasoning_loss: bool = True,
     ) -> ChatRenderer:
         """A renderer with the tokenizer, template and EOS ids of the verifier folder."""
         from speculators_core.data.verifier import eos_token_ids, load_tokenizer
@@ -93,6 +113,7 @@ class ChatRenderer:
             eos_ids=eos_token_ids(verifier, tokenizer),
             seq_length=seq_length,
             name=str(verifier),
+            reasoning_loss=reasoning_loss,
         )
 
     def render_text(self, turns: Sequence[Turn], *, add_generation_prompt: bool) -> str:
@@ -111,32 +132,78 @@ class ChatRenderer:
         return text
 
     def assistant_spans(self, turns: Sequence[Turn]) -> tuple[str, list[tuple[int, int]]]:
-        """The whole conversation's text and the character span of each assistant turn."""
+        """The whole conversation's text and the character span of what each assistant turn
+        writes (without its thinking when ``reasoning_loss`` is off).
+
+        A turn whose render as the last turn is not a prefix of the whole (templates such as
+        Qwen3's drop the thinking of answers before the last user turn) is located where the
+        whole render shows it: from the end of its prompt to the end of the conversation, the
+        mask then stopping at its end-of-turn token.
+        """
         full = self.render_text(turns, add_generation_prompt=False)
         spans: list[tuple[int, int]] = []
         for j, turn in enumerate(turns):
             if turn.role != "assistant":
                 continue
             before = self.render_text(turns[:j], add_generation_prompt=True) if j else ""
-            through = self.render_text(turns[: j + 1], add_generation_prompt=False)
-            if not (full.startswith(through) and through.startswith(before)):
+            if not full.startswith(before):
                 raise ChatTemplateError(
                     f"chat template of '{self.name}' renders the start of a conversation "
                     "differently once later turns follow (it rewrites earlier turns), so loss "
                     "masks cannot be derived from prefixes; use a prefix-stable template"
                 )
-            spans.append((len(before), len(through)))
+            through = self.render_text(turns[: j + 1], add_generation_prompt=False)
+            if full.startswith(through) and through.startswith(before):
+                start = len(before)
+                if not self.reasoning_loss:
+                    start = self._answer_start(turns, j, before, through)
+                spans.append((start, len(through)))
+            else:
+                # Rewritten once later turns follow: the turn as the conversation shows it.
+                spans.append((len(before), -1))
         return full, spans
+
+    #: Stands for an answer's content to find where the content starts in a render.
+    _SENTINEL = "\ue000speculators-answer\ue000"
+
+    def _answer_start(self, turns: Sequence[Turn], j: int, before: str, through: str) -> int:
+        """Where turn ``j``'s answer starts in ``through``: after its thinking (the template's
+        rendering of ``reasoning``, or inline text up to ``</think>``)."""
+        turn = turns[j]
+        if turn.reasoning is not None:
+            marked = [*turns[:j], replace(turn, content=self._SENTINEL)]
+            probe = self.render_text(marked, add_generation_prompt=False)
+            at = probe.find(self._SENTINEL)
+            if at < len(before) or probe[:at] != through[:at]:
+                raise ChatTemplateError(
+                    f"chat template of '{self.name}' does not render an answer's content after "
+                    "its reasoning, so the thinking cannot be left out of the loss; keep it "
+                    "supervised (--reasoning-loss)"
+                )
+            return at
+        close = through.find("</think>", len(before))
+        if close < 0:
+            return len(before)
+        end = close + len("</think>")
+        while end < len(through) and through[end] in " \n":
+            end += 1
+        return end
 
     def __call__(self, turns: Sequence[Turn]) -> RenderedSample:
         """Render, tokenize, mask and truncate one conversation."""
-        text, spans = self.assistant_spans(turns)
+        text, raw_spans = self.assistant_spans(turns)
+        # Open spans (-1) run to the next span's start; their end-of-turn token ends them.
+        spans = [
+            (lo, hi if hi >= 0 else (raw_spans[i + 1][0] if i + 1 < len(raw_spans) else len(text)))
+            for i, (lo, hi) in enumerate(raw_spans)
+        ]
         encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         ids: list[int] = list(encoded["input_ids"])
         offsets: list[tuple[int, int]] = [tuple(o) for o in encoded["offset_mapping"]]
         mask = [0] * len(ids)
         span_index = 0
         ended = False  # the current span's end-of-turn token has been seen
+        ended_open = [hi >= 0 for _lo, hi in raw_spans]  # closed spans need no end token
         for i, (start, _end) in enumerate(offsets):
             while span_index < len(spans) and start >= spans[span_index][1]:
                 span_index += 1
@@ -149,6 +216,13 @@ class ChatRenderer:
             mask[i] = 1
             if ids[i] in self.eos_ids:
                 ended = True
+                ended_open[span_index] = True
+        if not all(ended_open):
+            raise ChatTemplateError(
+                f"chat template of '{self.name}' rewrites earlier answers once later turns "
+                "follow and ends no answer with an end-of-turn token, so where an earlier answer "
+                "ends cannot be found; use a prefix-stable template"
+            )
         full_length = len(ids)
         if self.seq_length is not None and full_length > self.seq_length:
             ids, mask = ids[: self.seq_length], mask[: self.seq_length]

@@ -5,9 +5,12 @@ Accepted record shapes (one record = one conversation):
 * ShareGPT: ``{"conversations": [{"from": "human", "value": "..."}, {"from": "gpt", ...}]}``
 * OpenAI: ``{"messages": [{"role": "user", "content": "..."}, {"role": "assistant", ...}]}``
 
-Roles are normalised to ``system`` / ``user`` / ``assistant`` (``human`` -> user; ``gpt``,
-``chatgpt``, ``bing``, ``bard``, ``model`` -> assistant). Content may be a string or a list of
-OpenAI content parts (their text parts are joined).
+Roles are normalised to ``system`` / ``user`` / ``assistant`` / ``tool`` (``human`` -> user;
+``gpt``, ``chatgpt``, ``bing``, ``bard``, ``model`` -> assistant; ``function``, ``ipython``,
+``observation`` -> tool). Content may be a string or a list of OpenAI content parts (their text
+parts are joined). An assistant message's ``reasoning_content`` (or ``reasoning``/``thinking``)
+and ``tool_calls`` are kept and handed to the chat template, which renders them its own way;
+thinking written inline in the content (``<think>...</think>``) stays in the content.
 
 Sources: a ``.json`` file (a list of records, or one record), a ``.jsonl`` file (one record per
 line), a columnar ``.parquet``, ``.arrow`` (Arrow IPC file or stream, as ``datasets`` caches
@@ -78,19 +81,44 @@ _ROLE_ALIASES = {
     "bing": "assistant",
     "bard": "assistant",
     "model": "assistant",
+    "tool": "tool",
+    "function": "tool",
+    "ipython": "tool",
+    "observation": "tool",
 }
+
+#: Message keys that hold an assistant turn's reasoning (thinking) text, first match wins.
+_REASONING_KEYS = ("reasoning_content", "reasoning", "thinking")
 
 
 @dataclass(frozen=True)
 class Turn:
-    """One message: ``role`` is ``system``, ``user`` or ``assistant``."""
+    """One message: ``role`` is ``system``, ``user``, ``assistant`` or ``tool`` (a tool's
+    result). An assistant turn may carry ``reasoning`` (its thinking, rendered by templates
+    that know ``reasoning_content``) and ``tool_calls`` (OpenAI-style calls, JSON text of the
+    list, so turns stay hashable); a tool turn may carry the ``name`` of the tool and the
+    ``tool_call_id`` it answers."""
 
     role: str
     content: str
+    reasoning: str | None = None
+    tool_calls: str | None = None
+    name: str | None = None
+    tool_call_id: str | None = None
 
-    def to_message(self) -> dict[str, str]:
-        """The ``{"role", "content"}`` dict chat templates take."""
-        return {"role": self.role, "content": self.content}
+    def to_message(self) -> dict[str, Any]:
+        """The message dict chat templates take: ``role`` and ``content``, and
+        ``reasoning_content``, ``tool_calls``, ``name``, ``tool_call_id`` where set."""
+        message: dict[str, Any] = {"role": self.role, "content": self.content}
+        if self.reasoning is not None:
+            message["reasoning_content"] = self.reasoning
+        if self.tool_calls is not None:
+            message["tool_calls"] = json.loads(self.tool_calls)
+        if self.name is not None:
+            message["name"] = self.name
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        return message
 
 
 #: A conversation is a list of turns, already normalised (see the module docs).
@@ -156,6 +184,52 @@ def _content_text(content: Any) -> str:
     raise SkipRecord("content that is not text")
 
 
+def _tool_calls(calls: Any) -> str:
+    """OpenAI-style tool calls as JSON text; ``arguments`` given as JSON text become objects,
+    as chat templates (Qwen, Llama 3) expect."""
+    if not isinstance(calls, list) or not all(isinstance(c, dict) for c in calls):
+        raise SkipRecord("tool_calls that are not a list of objects")
+    normalized = []
+    for call in calls:
+        function = call.get("function", call)
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise SkipRecord("tool call without a function name")
+        arguments = function.get("arguments", {})
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments) if arguments.strip() else {}
+            except json.JSONDecodeError:
+                raise SkipRecord("tool call arguments that are not JSON") from None
+        normalized.append(
+            {**call, "type": "function", "function": {**function, "arguments": arguments}}
+        )
+    return json.dumps(normalized, ensure_ascii=False)
+
+
+def _turn(role: str, message: dict[str, Any]) -> Turn:
+    content = message.get("value", message.get("content"))
+    calls = message.get("tool_calls") if role == "assistant" else None
+    if content is None and calls:
+        content = ""  # an assistant turn that only calls tools
+    reasoning = None
+    if role == "assistant":
+        found = next((message[k] for k in _REASONING_KEYS if message.get(k) is not None), None)
+        if found is not None:
+            if not isinstance(found, str):
+                raise SkipRecord("reasoning that is not text")
+            reasoning = found
+    name = message.get("name") if role == "tool" else None
+    call_id = message.get("tool_call_id") if role == "tool" else None
+    return Turn(
+        role,
+        _content_text(content),
+        reasoning=reasoning,
+        tool_calls=_tool_calls(calls) if calls else None,
+        name=name if isinstance(name, str) else None,
+        tool_call_id=call_id if isinstance(call_id, str) else None,
+    )
+
+
 def normalize_record(record: Any) -> Conversation:
     """The normalised conversation of one record; raises :class:`SkipRecord` with a reason."""
     if not isinstance(record, dict):
@@ -176,8 +250,7 @@ def normalize_record(record: Any) -> Conversation:
         norm = _ROLE_ALIASES.get(role.strip().lower())
         if norm is None:
             raise SkipRecord(f"unknown role {role!r}")
-        content = message.get("value", message.get("content"))
-        turns.append(Turn(norm, _content_text(content)))
+        turns.append(_turn(norm, message))
     # Assistant turns before the first user turn answer nothing the data shows.
     first_user = next((i for i, t in enumerate(turns) if t.role == "user"), None)
     if first_user is None:

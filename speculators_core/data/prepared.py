@@ -298,11 +298,14 @@ def prepare_data(
     seed: int | None = 0,
     overwrite: bool = False,
     progress: bool = False,
+    reasoning_loss: bool = True,
 ) -> DataSummary:
     """Read chat data, render it with the verifier's template, mask it and write prepared data.
 
     Conversations are shuffled with ``seed`` (None keeps source order) and rendered in that
-    order until ``max_samples`` are kept. Raises :class:`DataSourceError` if none is kept.
+    order until ``max_samples`` are kept. ``reasoning_loss=False`` leaves each answer's
+    thinking out of the loss mask (it stays in the context). Raises :class:`DataSourceError`
+    if none is kept.
     """
     from speculators_core.data.fingerprint import tokenizer_fingerprint
     from speculators_core.data.verifier import verifier_folder
@@ -314,7 +317,9 @@ def prepare_data(
         )
     # 'smollm2' names the embedded verifier: fingerprint and record the real folder.
     verifier = verifier_folder(verifier)
-    renderer = ChatRenderer.from_verifier(verifier, seq_length=seq_length)
+    renderer = ChatRenderer.from_verifier(
+        verifier, seq_length=seq_length, reasoning_loss=reasoning_loss
+    )
     skipped = SkipCounter()
     conversations = ShuffledConversations(sources, split=split, seed=seed, skipped=skipped)
     kept, _ = render_conversations(
