@@ -1,6 +1,6 @@
 """vLLM for CPU serves EAGLE-3 drafts for the verifier families it supports, losslessly.
 
-For each family vLLM 0.32 gives the EAGLE-3 interface (Mistral, Qwen2 with attention biases,
+For each family vLLM 0.32 gives the EAGLE-3 interface (Mistral, Qwen2 with attention biases, Qwen3,
 the Qwen3-MoE mixture of experts, gpt-oss with experts and sliding windows), a tiny random
 verifier of that family and an EAGLE-3 draft fitted to its own greedy continuations: one vLLM
 worker runs each verifier alone and with its draft. The outputs must be transformers' greedy
@@ -24,7 +24,7 @@ pytestmark = [
     pytest.mark.skipif(not vllm_available(), reason="vLLM is not installed"),
 ]
 
-FAMILIES = ["mistral", "qwen2", "qwen3_moe", "gpt_oss"]
+FAMILIES = ["mistral", "qwen2", "qwen3", "qwen3_moe", "gpt_oss"]
 K = 3
 NEW_TOKENS = 16
 QUESTIONS = ["What is the capital of France?", "Write a short poem about the sea."]
