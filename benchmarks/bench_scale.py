@@ -158,22 +158,39 @@ def child_prepare(work: Path) -> dict[str, Any]:
             shape["hidden_size"],
             seed=seq_len,
         )
-    model_cls = get_host().algorithm("eagle3").model_class
     g = torch.Generator().manual_seed(2)
     counts = torch.randint(1, 1000, (shape["vocab_size"],), generator=g)
-    for draft_vocab in settings["draft_vocabs"]:
-        torch.manual_seed(0)
-        draft = model_cls.from_verifier(
-            verifier,
-            num_layers=1,
-            draft_vocab_size=None if draft_vocab >= shape["vocab_size"] else draft_vocab,
-            token_counts=counts,
-            ttt_steps=settings["ttt_steps"],
-            noise_std=0.0,  # upstream adds noise in its data pipeline, not in its model step
-        )
-        draft.save_pretrained(work / f"draft-{draft_vocab}")
-        del draft
+    k = settings["ttt_steps"]
+    # The mask slots' token: a reserved id, as Llama 3's <|reserved_special_token_...|> (the
+    # verifier folder here has no tokenizer to pick one from).
+    mask = shape["vocab_size"] - 1
+    # Each algorithm drafting k tokens: EAGLE-3 with k TTT steps, P-EAGLE with k depths,
+    # DFlash with blocks of k + 1 (the anchor and k mask slots); the rest their defaults.
+    # No noise: upstream adds it in its data pipeline, not in its model step.
+    options = {
+        "eagle3": {"ttt_steps": k, "noise_std": 0.0},
+        "peagle": {"num_depths": k, "noise_std": 0.0, "mask_token_id": mask},
+        "dflash": {"block_size": k + 1, "mask_token_id": mask},
+    }
+    for algorithm in settings["algorithms"]:
+        model_cls = get_host().algorithm(algorithm).model_class
+        for draft_vocab in settings["draft_vocabs"]:
+            torch.manual_seed(0)
+            draft = model_cls.from_verifier(
+                verifier,
+                num_layers=1,
+                draft_vocab_size=None if draft_vocab >= shape["vocab_size"] else draft_vocab,
+                token_counts=counts,
+                **options[algorithm],
+            )
+            draft.save_pretrained(work / _draft_folder(algorithm, draft_vocab))
+            del draft
     return {"prepared": True}
+
+
+def _draft_folder(algorithm: str, draft_vocab: int) -> str:
+    """The initial draft's folder name (EAGLE-3's is also what the upstream child reads)."""
+    return f"draft-{draft_vocab}" if algorithm == "eagle3" else f"draft-{algorithm}-{draft_vocab}"
 
 
 # ------------------------------------------------------------------------------------------
@@ -289,8 +306,10 @@ def _row_samples(row: dict[str, Any]) -> list[dict[str, Any]]:
     return samples
 
 
-def child_ours(work: Path, seq_len: int, draft_vocab: int) -> dict[str, Any]:
-    """The EAGLE-3 plugin's training step + backward + clip + AdamW on one packed row."""
+def child_ours(
+    work: Path, seq_len: int, draft_vocab: int, algorithm: str = "eagle3"
+) -> dict[str, Any]:
+    """The algorithm plugin's training step + backward + clip + AdamW on one packed row."""
     import torch
 
     from speculators_core.loading import load_speculator
@@ -303,12 +322,15 @@ def child_ours(work: Path, seq_len: int, draft_vocab: int) -> dict[str, Any]:
     settings = json.loads((work / "settings.json").read_text())
     device = torch.device(settings["device"])
     cuda = device.type == "cuda"
-    model: Any = load_speculator(work / f"draft-{draft_vocab}", verifier=work / "verifier")
-    model.configure_training(
-        ttt_steps=settings["ttt_steps"],
-        noise_std=0.0,
-        attn_implementation="auto" if cuda else "sdpa",
+    model: Any = load_speculator(
+        work / _draft_folder(algorithm, draft_vocab), verifier=work / "verifier"
     )
+    if algorithm == "eagle3":  # training-only settings are not saved with a checkpoint
+        model.configure_training(
+            ttt_steps=settings["ttt_steps"],
+            noise_std=0.0,
+            attn_implementation="auto" if cuda else "sdpa",
+        )
     model.to(device)
     model.train()
     row = _load_row(work / f"row-{seq_len}.safetensors")
@@ -337,7 +359,8 @@ def child_ours(work: Path, seq_len: int, draft_vocab: int) -> dict[str, Any]:
         opt.zero_grad(set_to_none=True)
         return float(out.loss)
 
-    result = namespace["measure"]("ours", model, step, batch, settings["steps"], device)
+    side = "ours" if algorithm == "eagle3" else f"ours/{algorithm}"
+    result = namespace["measure"](side, model, step, batch, settings["steps"], device)
     result["trainable_params"] = sum(p.numel() for p in trainable)
     result["frozen_params"] = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     return result
@@ -547,6 +570,12 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="also write the results here")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--child-args", default="", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--algorithms",
+        default="eagle3",
+        help="eagle3, and the parallel drafters peagle and dflash (ours only: upstream's step "
+        "is compared for eagle3)",
+    )
     opts = parser.parse_args()
 
     if opts.child:
@@ -555,7 +584,7 @@ def main() -> None:
         if opts.child == "prepare":
             result = child_prepare(work)
         elif opts.child == "ours":
-            result = child_ours(work, *extra)
+            result = child_ours(work, extra[0], extra[1], algorithm=opts.algorithms)
         else:
             result = child_fsdp(work, *extra)
             if int(os.environ.get("RANK", "0")) != 0:
@@ -576,6 +605,7 @@ def main() -> None:
         "ttt_steps": opts.ttt_steps,
         "steps": opts.steps,
         "device": opts.device,
+        "algorithms": [a.strip() for a in opts.algorithms.split(",") if a.strip()],
     }
     (work / "settings.json").write_text(json.dumps(settings))
     me = [sys.executable, str(Path(__file__).resolve())]
@@ -618,6 +648,17 @@ def main() -> None:
                 if got:
                     got.update(seq_len=seq_len, draft_vocab=draft_vocab)
                     results.append(got)
+            for algorithm in settings["algorithms"]:
+                if algorithm == "eagle3":
+                    continue
+                command = [*me, "--child", "ours", "--work", str(work), "--algorithms", algorithm,
+                           "--child-args", f"{seq_len},{draft_vocab}"]  # fmt: skip
+                got = _run(
+                    command, f"ours/{algorithm}: rows of {seq_len}, draft vocab {draft_vocab}"
+                )
+                if got:
+                    got.update(seq_len=seq_len, draft_vocab=draft_vocab)
+                    results.append(got)
             if opts.fsdp_procs > 1:
                 command = [
                     sys.executable,
@@ -653,7 +694,8 @@ def report(
     print()
     load = os.getloadavg()[0]
     print(
-        f"EAGLE-3 draft, {'toy shapes (--tiny)' if opts.tiny else 'Llama-3.1-8B shapes'}: hidden "
+        f"{', '.join(settings['algorithms'])} draft(s), "
+        f"{'toy shapes (--tiny)' if opts.tiny else 'Llama-3.1-8B shapes'}: hidden "
         f"{shape['hidden_size']}, MLP {shape['intermediate_size']}, heads {shape['num_attention_heads']}/"
         f"{shape['num_key_value_heads']}, verifier vocab {shape['vocab_size']}, {NUM_AUX} aux states, "
         f"1 layer, TTT {settings['ttt_steps']}, one packed row per step, "
@@ -676,8 +718,11 @@ def report(
             f"{(loaded or float('nan')):>11.0f}{peak:>13.0f}{r.get('first_loss', float('nan')):>12.4f}"
         )
         if cuda:
-            flops = step_flops(shape, r["seq_len"], r["draft_vocab"], settings["ttt_steps"])
-            line += f"{flops * r.get('world_size', 1) / seconds / (opts.peak_tflops * 1e12 * r.get('world_size', 1)):>7.1%}"
+            if r["side"].startswith("ours/") and "x" not in r["side"]:
+                line += f"{'-':>7}"  # the FLOP count below is EAGLE-3's
+            else:
+                flops = step_flops(shape, r["seq_len"], r["draft_vocab"], settings["ttt_steps"])
+                line += f"{flops / seconds / (opts.peak_tflops * 1e12):>7.1%}"
         print(line)
         by_key[(r["side"], r["seq_len"], r["draft_vocab"])] = r | {
             "seconds": seconds,

@@ -3,7 +3,8 @@
 #
 # Runs benchmarks/bench_scale.py on the GPU: one EAGLE-3 training step at Llama-3.1-8B draft
 # shapes (hidden 4096, verifier vocab 128256, draft vocab 32000, 3 aux states) in bf16 autocast,
-# ours and upstream speculators 0.9.0's on the same batch, rows of 2048 and 8192 tokens; then a
+# ours and upstream speculators 0.9.0's on the same batch, and our P-EAGLE and DFlash steps, rows
+# of 2048 and 8192 tokens; then a
 # two-process FSDP2 run of our trainer when there are two or more GPUs (else it says it skips).
 # Prints tokens/s, MFU and peak GPU memory; everything it prints is also in $OUT/gpu-check.log.
 #
@@ -81,7 +82,7 @@ else
     scale=(--device cuda --seq-lens 2048,8192 --draft-vocabs 32000 --steps 3)
 fi
 "$py" benchmarks/bench_scale.py "${scale[@]}" --sides "$sides" --upstream-python "$upstream_py" \
-    --json "$out/scale.json" 2>&1 | tee -a "$log"
+    --algorithms eagle3,peagle,dflash --json "$out/scale.json" 2>&1 | tee -a "$log"
 
 # 4. Two-process FSDP2 -------------------------------------------------------------------------
 if [ "$dry" = 1 ] || [ "$gpus" -ge 2 ]; then

@@ -2,7 +2,7 @@
 
 ``--dry`` runs every step of the GPU script at toy shapes on the CPU: the wheel check, the
 environment report, one EAGLE-3 training step of ours and of upstream 0.9.0 on the same batch
-(benchmarks/bench_scale.py), and the two-process FSDP2 run of our trainer (gloo). What it
+and one of our P-EAGLE and DFlash drafts (benchmarks/bench_scale.py), and the two-process FSDP2 run of our trainer (gloo). What it
 checks here: each step ran and wrote its figures, both sides started from the same weights on
 the same batch (equal first losses: the configuration is the same), FSDP2 ran on two processes,
 and the wheel check names exactly the wheels the folder lacks.
@@ -61,7 +61,8 @@ def test_gpu_check_dry_runs_every_step(tmp_path: Path) -> None:
     scale = json.loads((out / "scale.json").read_text())
     results = scale["results"]
     sides = {(r["side"], r["seq_len"]) for r in results}
-    assert sides == {(s, n) for s in ("ours", "upstream") for n in (64, 128)}, sides
+    everyone = ("ours", "upstream", "ours/peagle", "ours/dflash")
+    assert sides == {(s, n) for s in everyone for n in (64, 128)}, sides
     for seq_len in (64, 128):
         ours, up = (
             next(r for r in results if r["side"] == side and r["seq_len"] == seq_len)
@@ -72,6 +73,10 @@ def test_gpu_check_dry_runs_every_step(tmp_path: Path) -> None:
         for r in (ours, up):
             assert r["times"] and all(t > 0 for t in r["times"])
             assert r["peak_rss_mb"] >= r["loaded_rss_mb"] > 0
+    for r in results:
+        if r["side"].startswith("ours/"):  # the parallel drafters' steps ran and measured
+            assert r["times"] and all(t > 0 for t in r["times"]) and r["trainable_params"] > 0
+            assert r["first_loss"] == r["first_loss"]  # not NaN
     assert "ours / upstream peak memory" in log
 
     fsdp = json.loads((out / "fsdp.json").read_text())["results"]
