@@ -1,6 +1,6 @@
 """Verifier families through the whole pipeline, each a tiny random model built here.
 
-For every family of :data:`speculators_core.testing.VERIFIER_FAMILIES` (dense Llama, Mistral,
+For every family of :data:`speculators_core.testing.VERIFIER_FAMILIES` (Llama, Mistral,
 Qwen2 with attention biases, Qwen3, the Qwen3-MoE mixture of experts, Gemma 2 and Gemma 3 with
 sliding-window layers, gpt-oss with experts and sliding windows) and the vision-language verifiers
 of :data:`~speculators_core.testing.VISION_LANGUAGE_FAMILIES` (Qwen2.5-VL, Qwen3-VL: the text
@@ -24,10 +24,7 @@ from click.testing import CliRunner
 from speculators_core.cli.main import cli
 from speculators_core.testing import VERIFIER_FAMILIES, VISION_LANGUAGE_FAMILIES, make_tiny_verifier
 
-FAMILIES = [
-    *(name for name in VERIFIER_FAMILIES if name != "llama"),  # Llama: tests/evaluate, tests/train
-    *VISION_LANGUAGE_FAMILIES,
-]
+FAMILIES = [*VERIFIER_FAMILIES, *VISION_LANGUAGE_FAMILIES]
 K = 3
 #: Each algorithm's training options for k = 3 (EAGLE-3's are its defaults).
 ALGORITHMS: dict[str, list[str]] = {
