@@ -137,8 +137,9 @@ class ChatRenderer:
 
         A turn whose render as the last turn is not a prefix of the whole (templates such as
         Qwen3's drop the thinking of answers before the last user turn) is located where the
-        whole render shows it: from the end of its prompt to the end of the conversation, the
-        mask then stopping at its end-of-turn token.
+        whole render shows it: its span starts at the end of its prompt and is left open (end
+        ``-1``); :meth:`__call__` runs it to the next answer's span, the mask stopping at its
+        end-of-turn token.
         """
         full = self.render_text(turns, add_generation_prompt=False)
         spans: list[tuple[int, int]] = []

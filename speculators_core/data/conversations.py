@@ -613,6 +613,20 @@ def first_turns(conversation: Conversation, max_turns: int) -> Conversation:
     return list(conversation)
 
 
+def _usable_conversations(
+    sources: Sequence[str | os.PathLike[str]], split: str, counter: SkipCounter | None
+) -> Iterator[Conversation]:
+    """Every usable conversation of ``sources`` in source order; skipped records are counted in
+    ``counter`` (when given)."""
+    for source in sources:
+        for record in iter_records(source, split=split):
+            try:
+                yield normalize_record(record)
+            except SkipRecord as skip:
+                if counter is not None:
+                    counter.add(skip.reason)
+
+
 def load_conversations(
     sources: Sequence[str | os.PathLike[str]] | str | os.PathLike[str],
     *,
@@ -628,13 +642,7 @@ def load_conversations(
     if isinstance(sources, (str, os.PathLike)):
         sources = [sources]
     counter = skipped if skipped is not None else SkipCounter()
-    conversations: list[Conversation] = []
-    for source in sources:
-        for record in iter_records(source, split=split):
-            try:
-                conversations.append(normalize_record(record))
-            except SkipRecord as skip:
-                counter.add(skip.reason)
+    conversations = list(_usable_conversations(sources, split, counter))
     if seed is not None:
         random.Random(seed).shuffle(conversations)
     return conversations
@@ -696,13 +704,7 @@ class ShuffledConversations(Sequence[Conversation]):
         self._order = shuffled_indices(count, seed) if seed is not None else None
 
     def _usable(self, counter: SkipCounter | None = None) -> Iterator[Conversation]:
-        for source in self._sources:
-            for record in iter_records(source, split=self._split):
-                try:
-                    yield normalize_record(record)
-                except SkipRecord as skip:
-                    if counter is not None:
-                        counter.add(skip.reason)
+        return _usable_conversations(self._sources, self._split, counter)
 
     def __len__(self) -> int:
         return self._count

@@ -127,7 +127,7 @@ def load_verifier_model(
     dev = resolve_device(device)
     if dtype is None:
         dtype = torch.float32 if dev.type == "cpu" else torch.bfloat16
-    raw = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    raw = read_verifier_config(folder)  # text_config merged in, the key itself kept
     multimodal = isinstance(raw.get("text_config"), dict) and "vision_config" in raw
     auto_class: Any = AutoModelForImageTextToText if multimodal else AutoModelForCausalLM
     try:
