@@ -42,6 +42,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -90,30 +91,59 @@ MIN_ACCEPTANCE = 1e-6
 class TargetDistribution:
     """The verifier's next-token distribution at ``N`` scored positions, in fp32.
 
-    Built once per batch (:meth:`from_logits`) and indexed per TTT step (:meth:`take`): the
-    log-softmax over the draft vocabulary is taken once, however many objectives and steps
-    read it.
+    Built once per batch (:meth:`from_logits`, or :meth:`from_head` chunk by chunk from the
+    verifier's states) and indexed per TTT step (:meth:`take`): the log-softmax over the draft
+    vocabulary is taken once, however many objectives and steps read it. Only ``log_probs`` is
+    stored; ``probs`` is its ``exp``, computed when first read (one ``[N, V]`` tensor less for
+    the whole step, and the memory-lean paths read it a chunk of rows at a time).
     """
 
     log_probs: torch.Tensor  # [N, V] fp32
-    probs: torch.Tensor  # [N, V] fp32
     ids: torch.Tensor  # [N] int64: the verifier's argmax (what greedy verification emits)
+
+    @cached_property
+    def probs(self) -> torch.Tensor:
+        """``exp(log_probs)``, ``[N, V]`` fp32."""
+        return self.log_probs.exp()
 
     @classmethod
     def from_logits(cls, logits: torch.Tensor) -> TargetDistribution:
         """From the verifier's logits ``[N, V]`` (any float dtype)."""
-        log_probs = torch.log_softmax(logits.float(), dim=-1)
-        return cls(log_probs, log_probs.exp(), logits.argmax(dim=-1))
+        return cls(torch.log_softmax(logits.float(), dim=-1), logits.argmax(dim=-1))
+
+    @classmethod
+    @torch.no_grad()
+    def from_head(
+        cls,
+        hidden: torch.Tensor,
+        head: Callable[[torch.Tensor], torch.Tensor],
+        vocab_size: int,
+        *,
+        chunk_elements: int | None = None,
+    ) -> TargetDistribution:
+        """From the verifier's states ``[N, H]`` and its head (states ``[n, H]`` -> logits
+        ``[n, vocab_size]``), a chunk of rows at a time: the logits of all ``N`` rows never
+        exist at once, only ``log_probs`` and one chunk's (about ``chunk_elements`` logits,
+        default :data:`LEAN_CHUNK_ELEMENTS`)."""
+        elements = LEAN_CHUNK_ELEMENTS if chunk_elements is None else chunk_elements
+        rows = hidden.shape[0]
+        step = max(1, elements // max(1, vocab_size))
+        log_probs = torch.empty((rows, vocab_size), dtype=torch.float32, device=hidden.device)
+        ids = torch.empty(rows, dtype=torch.long, device=hidden.device)
+        for start in range(0, rows, step):
+            end = min(start + step, rows)
+            logits = head(hidden[start:end])  # [n, V]
+            ids[start:end] = logits.argmax(dim=-1)
+            log_probs[start:end] = torch.log_softmax(logits.float(), dim=-1)
+        return cls(log_probs, ids)
 
     def take(self, index: torch.Tensor) -> TargetDistribution:
         """The distribution at rows ``index`` (``[M]`` int64)."""
-        return TargetDistribution(self.log_probs[index], self.probs[index], self.ids[index])
+        return TargetDistribution(self.log_probs[index], self.ids[index])
 
     def rows(self, start: int, end: int) -> TargetDistribution:
         """The distribution at rows ``start:end`` (views, no copy)."""
-        return TargetDistribution(
-            self.log_probs[start:end], self.probs[start:end], self.ids[start:end]
-        )
+        return TargetDistribution(self.log_probs[start:end], self.ids[start:end])
 
 
 #: An objective's loss: draft logits ``[N, V]`` and the target at the same rows -> ``[N]`` fp32.

@@ -20,21 +20,26 @@ At TTT step ``s`` the draft's logits at aligned index ``t`` predict the token th
 How it is computed (the same numbers, less work): :func:`plan_ttt_loss` lists, once per
 batch, the positions each step reads (:class:`TTTLossPlan`), so the model computes draft
 logits and verifier targets only there; the target log-softmax is taken once per position,
-not once per step (:class:`~speculators_core.objectives.TargetDistribution`); the default
-forward KL has a hand-written backward (``softmax(logits) - p``) instead of autograd through
-every ``[N, Vd]`` temporary, and any other objective or mix keeps one ``[N, Vd]`` tensor too
-(its gradient, computed chunk by chunk in the forward pass: ``WeightedObjective``). :func:`ttt_loss` takes full ``[B, T, Vd]``
-logits and does the same.
+not once per step (:class:`~speculators_core.objectives.TargetDistribution`). With the LM head
+frozen (the default) the model hands each step's final states to :func:`ttt_loss_states`, which
+scores them through the head a chunk of rows at a time and keeps one ``[N, H]`` gradient per
+step for the backward pass, no ``[N, Vd]`` tensor
+(:func:`~speculators_core.head_loss.head_objective`); with a trainable head
+:func:`ttt_loss_rows` scores the logits, keeping one ``[N, Vd]`` tensor per step (the default
+forward KL's hand-written backward, ``softmax(logits) - p``, or any other objective's gradient
+computed chunk by chunk in the forward pass: ``WeightedObjective``). :func:`ttt_loss` takes
+full ``[B, T, Vd]`` logits and does the same.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from speculators_core import TrainingStepOutput, objectives
+from speculators_core.head_loss import head_objective
 from speculators_core.objectives import TargetDistribution, WeightedObjective, default_objective
 
 __all__ = [
@@ -44,6 +49,7 @@ __all__ = [
     "step_valid_mask",
     "ttt_loss",
     "ttt_loss_rows",
+    "ttt_loss_states",
 ]
 
 
@@ -128,28 +134,66 @@ def ttt_loss(
 def ttt_loss_rows(
     plan: TTTLossPlan,
     step_logits: Sequence[torch.Tensor],
-    target_logits: torch.Tensor,
+    target_logits: torch.Tensor | TargetDistribution,
     *,
     step_loss_decay: float = 1.0,
     objective: WeightedObjective | None = None,
 ) -> TrainingStepOutput:
     """:func:`ttt_loss` from the rows the plan names: ``step_logits[s]`` is ``[N_s, Vd]`` at
-    ``plan.rows[s]``, ``target_logits`` ``[U, Vd]`` at ``plan.target_rows``. ``objective`` is
-    the per-position loss (forward KL when None)."""
-    device = target_logits.device
+    ``plan.rows[s]``, ``target_logits`` ``[U, Vd]`` at ``plan.target_rows`` (or their
+    :class:`~speculators_core.objectives.TargetDistribution`). ``objective`` is the
+    per-position loss (forward KL when None)."""
+    target = (
+        target_logits
+        if isinstance(target_logits, TargetDistribution)
+        else TargetDistribution.from_logits(target_logits)  # once per batch, not per step
+    )
+    score = objective if objective is not None else default_objective()
+    scored = (
+        (score(logits, target.take(index)), logits.detach().argmax(dim=-1))
+        for logits, index in zip(step_logits, plan.target_index, strict=True)
+    )
+    return _ttt_loss(plan, scored, target.ids, step_loss_decay)
+
+
+def ttt_loss_states(
+    plan: TTTLossPlan,
+    step_states: Sequence[torch.Tensor],
+    head: torch.Tensor,
+    target: TargetDistribution,
+    *,
+    step_loss_decay: float = 1.0,
+    objective: WeightedObjective | None = None,
+) -> TrainingStepOutput:
+    """:func:`ttt_loss_rows` from each step's normed final states ``[N_s, H]`` and the frozen
+    LM head ``[Vd, H]``: the same loss and metrics, computed through
+    :func:`~speculators_core.head_loss.head_objective` (no step's ``[N_s, Vd]`` logits kept
+    for the backward pass)."""
+    score = objective if objective is not None else default_objective()
+    scored = (
+        head_objective(states, head, score.plain, target, index)
+        for states, index in zip(step_states, plan.target_index, strict=True)
+    )
+    return _ttt_loss(plan, scored, target.ids, step_loss_decay)
+
+
+def _ttt_loss(
+    plan: TTTLossPlan,
+    scored: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    target_ids: torch.Tensor,
+    step_loss_decay: float,
+) -> TrainingStepOutput:
+    """Loss and metrics from each step's per-position loss ``[N_s]`` and draft argmax ``[N_s]``
+    at ``plan.rows[s]``; ``target_ids`` ``[U]`` the verifier's argmax at ``plan.target_rows``."""
+    device = target_ids.device
     total = torch.zeros((), device=device)
     metrics: dict[str, torch.Tensor] = {}
     weights: dict[str, torch.Tensor] = {}
-    # Once per batch, not per step: every step reads the same target distributions.
-    target = TargetDistribution.from_logits(target_logits)  # [U, Vd]
-    target_ids = target.ids  # [U]
-    score = objective if objective is not None else default_objective()
     chain = torch.ones_like(plan.valid[0])  # [B*T]: correct at every step so far
     first_count = torch.zeros((), device=device)
-    for step, logits in enumerate(step_logits):
+    for step, (per_position, argmax) in enumerate(scored):
         rows, index, valid = plan.rows[step], plan.target_index[step], plan.valid[step]
         count = valid.sum()
-        per_position = score(logits, target.take(index))  # [N_s]
         step_loss = (
             (step_loss_decay**step) * (per_position * valid[rows]).sum() / count.clamp(min=1)
         )
@@ -157,7 +201,7 @@ def ttt_loss_rows(
 
         with torch.no_grad():
             correct = torch.zeros_like(chain)
-            correct[rows] = logits.argmax(dim=-1) == target_ids[index]
+            correct[rows] = argmax == target_ids[index]
             survived = chain & valid  # chain intact before this step
             chain = chain & correct
             hits = (chain & valid).sum()

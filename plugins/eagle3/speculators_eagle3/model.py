@@ -55,6 +55,7 @@ from speculators_core.modeling import (
 )
 from speculators_core.objectives import (
     DEFAULT_OBJECTIVE,
+    TargetDistribution,
     WeightedObjective,
     default_objective,
     resolve_objective,
@@ -62,7 +63,7 @@ from speculators_core.objectives import (
 from speculators_eagle3.alignment import align_batch
 from speculators_eagle3.attention import TTTMask, ttt_block_mask
 from speculators_eagle3.config import DRAFT_LAYER_TYPES, Eagle3SpeculatorConfig
-from speculators_eagle3.loss import plan_ttt_loss, ttt_loss_rows
+from speculators_eagle3.loss import plan_ttt_loss, ttt_loss_rows, ttt_loss_states
 
 if TYPE_CHECKING:
     from speculators_eagle3.drafting import Eagle3DraftSession
@@ -414,6 +415,7 @@ class Eagle3DraftModel(DraftVocabularyMixin, HiddenStateDraftModel):  # type: ig
         steps: int | None = None,
         attn_implementation: str | None = None,
         logit_rows: Sequence[torch.Tensor] | None = None,
+        project: bool = True,
     ) -> list[torch.Tensor]:
         """Draft logits ``[B, T, Vd]`` of each TTT step, with teacher forcing.
 
@@ -425,7 +427,10 @@ class Eagle3DraftModel(DraftVocabularyMixin, HiddenStateDraftModel):  # type: ig
         those indices, ``[len(logit_rows[s]), Vd]``, and computes less: the LM head runs on
         those rows only, and (except with flex attention) steps ``1..`` run only at the
         positions some of them return. A position's later steps read nothing but its own
-        earlier states and block 0, which step 0 computes whole.
+        earlier states and block 0, which step 0 computes whole. With ``logit_rows`` and
+        ``project=False`` step ``s`` returns those rows' normed final states ``[N_s, H]``
+        instead, for a loss that applies the LM head itself
+        (:func:`~speculators_eagle3.loss.ttt_loss_states`).
         """
         steps = self.ttt_steps if steps is None else steps
         if logit_rows is not None and len(logit_rows) != steps:
@@ -450,7 +455,8 @@ class Eagle3DraftModel(DraftVocabularyMixin, HiddenStateDraftModel):  # type: ig
                 # steps read its own earlier states and block 0 (step 0's keys), nothing else.
                 compact = _CompactSteps.of(logit_rows[1:], *input_ids.shape)
                 if compact.positions.shape[1] == 0:  # no later step returns anything
-                    empty = feature.new_zeros(0, self.config.draft_vocab_size)
+                    width = self.config.draft_vocab_size if project else feature.shape[-1]
+                    empty = feature.new_zeros(0, width)
                     return all_logits + [empty] * (steps - 1)
                 masks = masks.compacted(compact.positions)
                 feature = compact.gather(feature)  # [B, M, H]
@@ -468,8 +474,8 @@ class Eagle3DraftModel(DraftVocabularyMixin, HiddenStateDraftModel):  # type: ig
                 logits, feature = self.head(h)  # [B, T, Vd], [B, T, H]
             else:
                 wanted = logit_rows[step] if compact is None else compact.index[logit_rows[step]]
-                rows = h.flatten(0, 1).index_select(0, wanted)  # [N_s, H]
-                logits = self.lm_head(self.norm(rows))  # [N_s, Vd]
+                rows = self.norm(h.flatten(0, 1).index_select(0, wanted))  # [N_s, H]
+                logits = self.lm_head(rows) if project else rows  # [N_s, Vd] or [N_s, H]
                 feature = self.norm(h) if self.config.norm_output else h
             all_logits.append(logits)
         return all_logits
@@ -516,16 +522,26 @@ class Eagle3DraftModel(DraftVocabularyMixin, HiddenStateDraftModel):  # type: ig
         )
         # Logits and targets only where the loss or the metrics read them (see TTTLossPlan).
         plan = plan_ttt_loss(document_ids, loss_mask, self.ttt_steps)
-        targets = self.verifier_logits(last.flatten(0, 1)[plan.target_rows])  # [U, Vd]
-        step_logits = self.ttt_forward(
-            aux, input_ids, document_ids, position_ids, logit_rows=plan.rows
+        self._require_verifier_parts()
+        target = TargetDistribution.from_head(  # [U, Vd], a chunk of rows at a time
+            last.flatten(0, 1)[plan.target_rows],
+            lambda rows: self.verifier_lm_head(self.verifier_norm(rows)),
+            self.config.draft_vocab_size,
         )
-        return ttt_loss_rows(
-            plan,
-            step_logits,
-            targets,
-            step_loss_decay=self.ttt_step_loss_decay,
-            objective=self.objective,
+        decay, objective = self.ttt_step_loss_decay, self.objective
+        if self.lm_head.weight.requires_grad:  # a trainable head: score its logits
+            step_logits = self.ttt_forward(
+                aux, input_ids, document_ids, position_ids, logit_rows=plan.rows
+            )
+            return ttt_loss_rows(
+                plan, step_logits, target, step_loss_decay=decay, objective=objective
+            )
+        # A frozen head: no step's [N_s, Vd] logits are kept for the backward pass.
+        states = self.ttt_forward(
+            aux, input_ids, document_ids, position_ids, logit_rows=plan.rows, project=False
+        )
+        return ttt_loss_states(
+            plan, states, self.lm_head.weight, target, step_loss_decay=decay, objective=objective
         )
 
     def _training_inputs(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -105,3 +106,29 @@ def test_ttt_forward_logit_rows_are_rows_of_the_full_logits(
         assert rows[step].shape == (plan.rows[step].numel(), full[step].shape[-1])
         expected = full[step].flatten(0, 1)[plan.rows[step]]
         torch.testing.assert_close(rows[step], expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("objective", ["kl", "kl=0.5,jsd=0.3,ce=0.2"])
+def test_frozen_head_loss_equals_scoring_the_logits(
+    tiny_verifier: Path, verifier_model: Any, monkeypatch: pytest.MonkeyPatch, objective: str
+) -> None:
+    """With the LM head frozen the step scores final states through the head a chunk of rows
+    at a time (``ttt_loss_states``); a trainable head scores whole logits (``ttt_loss_rows``).
+    Same loss, metrics and gradients of every other parameter."""
+    import speculators_core.head_loss as head_loss
+    import speculators_core.objectives as objectives
+
+    # Chunks of 7 rows for the head, 5 for the targets: several per step at these sizes.
+    monkeypatch.setattr(head_loss, "HEAD_CHUNK_ELEMENTS", 7 * 90)
+    monkeypatch.setattr(objectives, "LEAN_CHUNK_ELEMENTS", 5 * 90)
+    samples = random_samples(verifier_model, [*AUX_IDS, 4], [9, 14, 6], seed=24)
+    batch = pack_rows(samples, row_length=32)
+    options = {"draft_vocab_size": 90, "token_counts": torch.arange(259), "objective": objective}
+    frozen = make_model(tiny_verifier, "sdpa", **options)
+    trained = copy.deepcopy(frozen)
+    trained.configure_training(train_lm_head=True)
+    assert not frozen.lm_head.weight.requires_grad and trained.lm_head.weight.requires_grad
+    via_states = step_and_grads(frozen, batch)
+    via_logits = step_and_grads(trained, batch)
+    del via_logits[1]["lm_head.weight"]
+    assert_same_step(via_states, via_logits)
