@@ -72,6 +72,12 @@ TINY: dict[str, Any] = {
     "vocab_size": 1000,
 }
 NUM_AUX = 3
+#: The side that runs upstream's step with the allocator setting our trainer makes on a CPU
+#: (glibc's mmap threshold fixed, through its environment tunable): what is left of the
+#: difference is the two steps', not the allocators'.
+MMAP_SIDE = "upstream-mmap"
+#: :data:`speculators_core.train.host_memory.MMAP_THRESHOLD` (this parent imports none of it).
+MMAP_THRESHOLD = 1 << 20
 
 
 # ------------------------------------------------------------------------------------------
@@ -315,6 +321,7 @@ def child_ours(
     from speculators_core.loading import load_speculator
     from speculators_core.train import FeatureShape, InMemorySource, Piece, collate_rows
     from speculators_core.train.arguments import TrainingArguments
+    from speculators_core.train.host_memory import return_freed_memory_to_os
     from speculators_core.train.optim import build_optimizer, build_scheduler
 
     namespace: dict[str, Any] = {}
@@ -322,6 +329,8 @@ def child_ours(
     settings = json.loads((work / "settings.json").read_text())
     device = torch.device(settings["device"])
     cuda = device.type == "cuda"
+    if not cuda:
+        return_freed_memory_to_os()  # what our Trainer does on a CPU
     model: Any = load_speculator(
         work / _draft_folder(algorithm, draft_vocab), verifier=work / "verifier"
     )
@@ -553,7 +562,11 @@ def main() -> None:
     parser.add_argument("--draft-vocabs", default="32000", help="draft vocabulary sizes")
     parser.add_argument("--ttt-steps", type=int, default=3)
     parser.add_argument("--steps", type=int, default=1, help="timed optimizer steps per side")
-    parser.add_argument("--sides", default="ours,upstream")
+    parser.add_argument(
+        "--sides",
+        default="ours,upstream",
+        help=f"ours, upstream, and {MMAP_SIDE} (upstream with our trainer's allocator setting)",
+    )
     parser.add_argument("--device", default="cpu", help="cpu, or cuda (bf16 autocast)")
     parser.add_argument("--tiny", action="store_true", help="toy shapes: check the steps fast")
     parser.add_argument(
@@ -635,7 +648,7 @@ def main() -> None:
                         "--child-args",
                         f"{seq_len},{draft_vocab}",
                     ]
-                else:
+                else:  # upstream, or upstream-mmap: the allocator setting our trainer makes
                     command = [
                         opts.upstream_python,
                         "-c",
@@ -644,9 +657,10 @@ def main() -> None:
                         str(seq_len),
                         str(draft_vocab),
                     ]
-                got = _run(command, label)
+                env = {"MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD)} if side == MMAP_SIDE else None
+                got = _run(command, label, env)
                 if got:
-                    got.update(seq_len=seq_len, draft_vocab=draft_vocab)
+                    got.update(seq_len=seq_len, draft_vocab=draft_vocab, side=side)
                     results.append(got)
             for algorithm in settings["algorithms"]:
                 if algorithm == "eagle3":
@@ -734,16 +748,19 @@ def report(
 
     print()
     for (side, seq_len, vocab), ours in sorted(by_key.items()):
-        up = by_key.get(("upstream", seq_len, vocab))
-        if side != "ours" or not up:
-            continue
-        agree = abs(ours["first_loss"] - up["first_loss"]) <= 1e-3 * max(1.0, abs(up["first_loss"]))
-        print(
-            f"rows {seq_len}, draft vocab {vocab}: ours / upstream peak memory "
-            f"{ours['peak'] / up['peak']:.2f}x (goal <= 0.70x), step time {ours['seconds'] / up['seconds']:.2f}x; "
-            f"first losses {ours['first_loss']:.4f} vs {up['first_loss']:.4f} "
-            f"({'identical' if agree else 'DIFFERENT: not the same configuration'})"
-        )
+        for other in ("upstream", MMAP_SIDE):
+            up = by_key.get((other, seq_len, vocab))
+            if side != "ours" or not up:
+                continue
+            agree = abs(ours["first_loss"] - up["first_loss"]) <= 1e-3 * max(
+                1.0, abs(up["first_loss"])
+            )
+            print(
+                f"rows {seq_len}, draft vocab {vocab}: ours / {other} peak memory "
+                f"{ours['peak'] / up['peak']:.2f}x (goal <= 0.70x), step time {ours['seconds'] / up['seconds']:.2f}x; "
+                f"first losses {ours['first_loss']:.4f} vs {up['first_loss']:.4f} "
+                f"({'identical' if agree else 'DIFFERENT: not the same configuration'})"
+            )
 
     # What the peak is made of, from the parameter counts (4-byte fp32 master weights).
     for (side, seq_len, vocab), r in sorted(by_key.items()):

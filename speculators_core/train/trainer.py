@@ -51,6 +51,7 @@ from speculators_core.train.checkpoint import (
 )
 from speculators_core.train.distributed import DistributedContext, shard_model
 from speculators_core.train.errors import DataError, ResumeError, TrainingConfigError
+from speculators_core.train.host_memory import return_freed_memory_to_os
 from speculators_core.train.metrics import WeightedSums
 from speculators_core.train.optim import build_optimizer, build_scheduler
 from speculators_core.train.packing import (
@@ -260,6 +261,8 @@ class Trainer:
     def _train(self, resume_from: str | os.PathLike[str] | None) -> TrainOutput:
         args, ctx, plan, model = self.args, self.ctx, self.plan, self.model
         _seed_everything(args.seed + ctx.rank)
+        if ctx.device.type == "cpu":
+            return_freed_memory_to_os()  # the step's activations go back to the system
         model.to(ctx.device)  # type: ignore[arg-type]  # transformers' wrapped .to
         ctx.broadcast_module(model)
         if self.use_fsdp:

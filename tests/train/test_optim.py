@@ -49,6 +49,31 @@ def test_adamw_betas_from_json_list():
     assert type(opt) is torch.optim.AdamW and opt.param_groups[0]["betas"] == (0.8, 0.9)
 
 
+@pytest.mark.parametrize("name", ["adamw", "adam"])
+def test_adam_defaults_to_the_fused_kernel_with_foreachs_numbers(name: str) -> None:
+    """Unnamed, Adam(W) on a CPU runs fused (no step-wide temporaries): three steps give what
+    torch's default ``foreach`` gives, to the last bit or so; a named choice wins."""
+    args = TrainingArguments(optimizer=name, learning_rate=1e-2, weight_decay=0.1)
+    lean_model = _model()
+    default_model, initial = copy.deepcopy(lean_model), copy.deepcopy(lean_model)
+    lean = build_optimizer(lean_model, args)
+    assert all(group["fused"] is True for group in lean.param_groups)
+    named = TrainingArguments(optimizer=name, learning_rate=1e-2, weight_decay=0.1,
+                              optimizer_kwargs={"foreach": True})  # fmt: skip
+    default = build_optimizer(default_model, named)
+    assert all(group["foreach"] is True and not group["fused"] for group in default.param_groups)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        x = torch.randn(5, 4, generator=generator)
+        for model, opt in ((lean_model, lean), (default_model, default)):
+            opt.zero_grad()
+            model(x).square().sum().backward()
+            opt.step()
+    for a, b in zip(lean_model.parameters(), default_model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert not torch.equal(lean_model[0].weight, initial[0].weight)  # it did move
+
+
 def test_unknown_optimizer_and_bad_kwargs_are_one_line_errors():
     """An unknown name lists the choices; rejected kwargs name the optimizer."""
     with pytest.raises(TrainingConfigError, match=r"unknown optimizer 'lion'.*adamw"):
