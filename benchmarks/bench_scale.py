@@ -340,6 +340,7 @@ def child_ours(
             noise_std=0.0,
             attn_implementation="auto" if cuda else "sdpa",
         )
+    model.compact_frozen_parts()  # what our Trainer does (without FSDP)
     model.to(device)
     model.train()
     row = _load_row(work / f"row-{seq_len}.safetensors")

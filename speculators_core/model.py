@@ -118,6 +118,15 @@ class SpeculatorModel(PreTrainedModel):
         """
         raise NotImplementedError(f"{type(self).__name__} does not implement draft_logits")
 
+    def compact_frozen_parts(self) -> int:
+        """Store frozen verifier copies in a narrower dtype where that changes no value;
+        return the bytes saved (0 unless overridden).
+
+        The trainer calls it before training (not under FSDP, whose shards keep one dtype);
+        see :func:`~speculators_core.modeling.compact.compact_frozen`.
+        """
+        return 0
+
     def attach_verifier_parts(self, verifier: str | os.PathLike[str]) -> None:
         """Re-attach frozen verifier tensors that are not saved (a no-op unless overridden).
 

@@ -60,6 +60,7 @@ from speculators_core.modeling import (
     draft_layer_fields,
     load_verifier_config,
 )
+from speculators_core.modeling.compact import compact_frozen
 from speculators_core.objectives import (
     TargetDistribution,
     WeightedObjective,
@@ -240,6 +241,11 @@ class DFlashDraftModel(DraftVocabularyMixin, HiddenStateDraftModel):  # type: ig
         self.freeze_verifier_parts()
 
     # ------------------------------------------------------------------ weights
+
+    def compact_frozen_parts(self) -> int:
+        """The verifier's embedding in bf16 when every value is a bf16 value: the same
+        numbers in half the memory (see :func:`~speculators_core.modeling.compact.compact_frozen`)."""
+        return compact_frozen(self.embed_tokens)
 
     def verifier_owned_modules(self) -> tuple[nn.Module, ...]:
         return (self.embed_tokens, self.lm_head, self.verifier_lm_head, self.verifier_norm)

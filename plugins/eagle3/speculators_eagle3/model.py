@@ -53,6 +53,7 @@ from speculators_core.modeling import (
     select_attention_implementation,
     shift_left,
 )
+from speculators_core.modeling.compact import compact_frozen
 from speculators_core.objectives import (
     DEFAULT_OBJECTIVE,
     TargetDistribution,
@@ -303,6 +304,11 @@ class Eagle3DraftModel(DraftVocabularyMixin, HiddenStateDraftModel):  # type: ig
         self.verifier_norm.weight.requires_grad_(False)
         self.verifier_lm_head.weight.requires_grad_(False)
 
+    def compact_frozen_parts(self) -> int:
+        """The frozen embedding in bf16 when every value is a bf16 value (as when copied from a
+        bf16 verifier): 1 GB less at Llama-3.1-8B's 128k x 4,096, the same numbers."""
+        return compact_frozen(self.embed_tokens)
+
     def configure_training(
         self,
         *,
@@ -367,7 +373,7 @@ class Eagle3DraftModel(DraftVocabularyMixin, HiddenStateDraftModel):  # type: ig
         implementation: str,
     ) -> torch.Tensor:
         """The decoder stack for one draft step: returns the pre-norm output ``[B, T, H]``."""
-        embeds = self.embed_tokens(input_ids)  # [B, T, H]
+        embeds = self.embed_tokens(input_ids).to(feature.dtype)  # [B, T, H] (compact_frozen_parts)
         rotary = self.rotary_emb(feature, position_ids)  # cos, sin: [B, T, head_dim]
         first, *rest = self.layers
         h = first(embeds, feature, rotary, cache=cache, mask=mask, implementation=implementation)

@@ -132,3 +132,28 @@ def test_frozen_head_loss_equals_scoring_the_logits(
     via_logits = step_and_grads(trained, batch)
     del via_logits[1]["lm_head.weight"]
     assert_same_step(via_states, via_logits)
+
+
+def test_compacted_frozen_embedding_changes_nothing(
+    tiny_verifier: Path, verifier_model: Any
+) -> None:
+    """A frozen embedding of bf16 values stored in bf16 (what the trainer does): the same step,
+    bit for bit; a trainable one (P-EAGLE's default, ``embed_requires_grad``) stays fp32."""
+    samples = random_samples(verifier_model, [*AUX_IDS, 4], [9, 14, 6], seed=25)
+    batch = pack_rows(samples, row_length=32)
+    wide = make_model(tiny_verifier, "sdpa")
+    with torch.no_grad():
+        wide.embed_tokens.weight.copy_(wide.embed_tokens.weight.bfloat16().float())
+    narrow = copy.deepcopy(wide)
+    assert narrow.compact_frozen_parts() == wide.embed_tokens.weight.numel() * 2
+    assert narrow.embed_tokens.weight.dtype == torch.bfloat16
+    (loss_a, grads_a), (loss_b, grads_b) = (
+        step_and_grads(wide, batch),
+        step_and_grads(narrow, batch),
+    )
+    assert loss_a == loss_b
+    assert grads_a.keys() == grads_b.keys()
+    assert all(torch.equal(grads_a[name], grads_b[name]) for name in grads_a)
+    trained = make_model(tiny_verifier, "sdpa", embed_requires_grad=True)
+    assert trained.compact_frozen_parts() == 0
+    assert trained.embed_tokens.weight.dtype == torch.float32
