@@ -10,6 +10,11 @@ exactness a block of rows at a time so the check itself adds little memory.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import mmap
+import sys
+
 import torch
 from torch import nn
 
@@ -19,6 +24,7 @@ __all__ = ["COMPACT_DTYPE", "compact_frozen"]
 COMPACT_DTYPE = torch.bfloat16
 #: Rows per block of the exactness check and the copy (elements per block, about 64 MB fp32).
 _BLOCK_ELEMENTS = 1 << 24
+_MADV_PAGEOUT = 21  # Linux 5.4+
 
 
 @torch.no_grad()
@@ -52,4 +58,29 @@ def compact_frozen(
         narrow_flat[start : start + rows] = flat[start : start + rows]
     saved = param.numel() * (param.element_size() - narrow.element_size())
     setattr(module, name, nn.Parameter(narrow, requires_grad=False))
+    if param.device.type == "cpu":
+        _page_out(param.data)
     return saved
+
+
+def _page_out(tensor: torch.Tensor) -> None:
+    """Ask Linux to reclaim the pages of ``tensor`` now (``madvise(MADV_PAGEOUT)``).
+
+    For a tensor memory-mapped from a checkpoint (how transformers loads safetensors) the
+    mapping outlives the tensor (the file's other tensors share it), so its read pages stay
+    resident after it is dropped; they are clean file pages, which this drops (a later read
+    would fault them in from the file again). Anonymous memory is freed with the tensor anyway;
+    the hint never loses data. Best effort: a no-op where unavailable.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    page = mmap.PAGESIZE
+    start = -(-tensor.data_ptr() // page) * page  # whole pages inside the tensor only
+    end = (tensor.data_ptr() + tensor.numel() * tensor.element_size()) // page * page
+    if end <= start:
+        return
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_PAGEOUT)
+    except (OSError, AttributeError):
+        pass

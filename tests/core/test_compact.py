@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -48,3 +51,26 @@ def test_left_alone_when_a_value_would_change_or_it_trains(
     dtype = module.weight.dtype
     assert compact_frozen(module) == 0
     assert module.weight.dtype == dtype
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise(MADV_PAGEOUT) is Linux's")
+def test_page_out_drops_read_file_pages_and_keeps_the_values(tmp_path: Path) -> None:
+    """A tensor mapped from a file (as checkpoints are loaded): its read pages leave the
+    process's resident set, and reading it again gives the same values from the file."""
+    count = 16 * 2**20  # 64 MiB of float32
+    path = tmp_path / "tensor.bin"
+    torch.arange(count, dtype=torch.float32).numpy().tofile(path)
+    mapped = torch.from_file(str(path), shared=False, size=count, dtype=torch.float32)
+    total = float(mapped.double().sum())  # reads every page
+    before = _rss_file_mb()
+    compact._page_out(mapped)
+    after = _rss_file_mb()
+    assert before - after > 48, (before, after)
+    assert float(mapped.double().sum()) == total == count * (count - 1) / 2
+
+
+def _rss_file_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssFile:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no RssFile in /proc/self/status")
