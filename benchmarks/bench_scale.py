@@ -372,7 +372,9 @@ def child_ours(
     side = "ours" if algorithm == "eagle3" else f"ours/{algorithm}"
     result = namespace["measure"](side, model, step, batch, settings["steps"], device)
     result["trainable_params"] = sum(p.numel() for p in trainable)
-    result["frozen_params"] = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    result["frozen_params"] = sum(p.numel() for p in frozen)
+    result["frozen_bytes"] = sum(p.numel() * p.element_size() for p in frozen)
     return result
 
 
@@ -507,7 +509,9 @@ def step(b):
 
 result = measure("upstream", model, step, batch, settings["steps"], device)
 result["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
-result["frozen_params"] = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+frozen = [p for p in model.parameters() if not p.requires_grad]
+result["frozen_params"] = sum(p.numel() for p in frozen)
+result["frozen_bytes"] = sum(p.numel() * p.element_size() for p in frozen)
 print(json.dumps(result))
 """
 )
@@ -768,13 +772,16 @@ def report(
         if "trainable_params" not in r:
             continue
         trainable, frozen = r["trainable_params"], r["frozen_params"]
-        states = (trainable * 4 * 4 + frozen * 4) / 2**20  # weights + grads + 2 AdamW moments
+        frozen_bytes = r.get("frozen_bytes", frozen * 4)
+        # fp32 weights, gradients and two AdamW moments of what trains; what is frozen as stored.
+        states = (trainable * 4 * 4 + frozen_bytes) / 2**20
         logits = seq_len * vocab * 4 / 2**20
-        activations = r["peak"] - (r["loaded"] or 0) - trainable * 12 / 2**20
+        activations = r["peak"] - states
         print(
             f"{side} rows {seq_len}, draft vocab {vocab}: weights+grads+AdamW {states:,.0f} MB "
-            f"({trainable / 1e6:,.0f}M trainable, {frozen / 1e6:,.0f}M frozen); step activations ~"
-            f"{activations:,.0f} MB above weights, grads and moments; one fp32 logits tensor "
+            f"({trainable / 1e6:,.0f}M trainable, {frozen / 1e6:,.0f}M frozen in "
+            f"{frozen_bytes / 2**20:,.0f} MB); above them at the peak ~{activations:,.0f} MB "
+            f"(activations, temporaries, the runtime); one fp32 logits tensor "
             f"[rows x draft vocab] = {logits:,.0f} MB"
         )
     print(
