@@ -39,6 +39,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -334,12 +335,22 @@ def child_ours(
     model: Any = load_speculator(
         work / _draft_folder(algorithm, draft_vocab), verifier=work / "verifier"
     )
-    if algorithm == "eagle3":  # training-only settings are not saved with a checkpoint
+    # Training-only settings are not saved with a checkpoint. No noise: upstream adds it in its
+    # data pipeline, not in its model step.
+    implementation = "auto" if cuda else "sdpa"
+    if algorithm == "eagle3":
         model.configure_training(
-            ttt_steps=settings["ttt_steps"],
-            noise_std=0.0,
-            attn_implementation="auto" if cuda else "sdpa",
+            ttt_steps=settings["ttt_steps"], noise_std=0.0, attn_implementation=implementation
         )
+    elif algorithm == "peagle":
+        model.configure_training(
+            num_depths=settings["ttt_steps"], noise_std=0.0, attn_implementation=implementation
+        )
+    else:
+        model.configure_training(noise_std=0.0, attn_implementation=implementation)
+    if algorithm != "eagle3":
+        torch.manual_seed(0)
+        _fix_elements(work / f"elements-{algorithm}-{seq_len}-{draft_vocab}.safetensors", algorithm)
     model.compact_frozen_parts()  # what our Trainer does (without FSDP)
     model.to(device)
     model.train()
@@ -376,6 +387,45 @@ def child_ours(
     result["frozen_params"] = sum(p.numel() for p in frozen)
     result["frozen_bytes"] = sum(p.numel() * p.element_size() for p in frozen)
     return result
+
+
+def _fix_elements(path: Path, algorithm: str) -> None:
+    """Our sampler's first draw (P-EAGLE's COD elements, DFlash's anchors), reused at every step
+    and written to ``path``, where upstream's side reads it: both train on the same elements."""
+    from safetensors.torch import save_file
+
+    drawn: dict[str, Any] = {}
+
+    def keep(**tensors: Any) -> None:
+        drawn.update(tensors)
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path))
+
+    if algorithm == "peagle":
+        import speculators_eagle3.peagle as peagle
+
+        sample = peagle.cod_sample
+
+        def fixed_elements(*args: Any, **kwargs: Any) -> Any:
+            if not drawn:
+                anchors, depths = sample(*args, **kwargs)
+                keep(anchors=anchors, depths=depths)
+            return drawn["anchors"], drawn["depths"]
+
+        peagle.cod_sample = fixed_elements
+    elif algorithm == "dflash":
+        from speculators_dflash.model import DFlashDraftModel
+
+        choose = DFlashDraftModel.choose_anchors
+
+        def fixed_anchors(self: Any, loss_mask: Any, *args: Any) -> Any:
+            if not drawn:
+                anchors = choose(self, loss_mask, *args)
+                # Upstream never anchors in a row's last block_size positions (it would index
+                # past the row); ours may. Only anchors both can train on.
+                keep(anchors=anchors[anchors < loss_mask.shape[0] - self.config.block_size])
+            return drawn["anchors"]
+
+        DFlashDraftModel.choose_anchors = fixed_anchors
 
 
 def child_fsdp(work: Path, seq_len: int, draft_vocab: int) -> dict[str, Any]:
@@ -449,16 +499,17 @@ UPSTREAM_CHILD = (
 from types import SimpleNamespace
 from safetensors.torch import load_file
 from speculators import SpeculatorModel, SpeculatorModelConfig
-from speculators.losses.eager import kl_div_loss
+from speculators.losses.eager import ce_loss, kl_div_loss
 from speculators.models.eagle3.data import shift_batch
 from speculators.train.optimizers import build_optimizers
 from transformers import get_linear_schedule_with_warmup
 
 work, seq_len, draft_vocab = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+algorithm = sys.argv[4] if len(sys.argv) > 4 else "eagle3"
 settings = json.loads((work / "settings.json").read_text())
 device = torch.device(settings["device"])
 cuda = device.type == "cuda"
-folder = str(work / f"draft-{draft_vocab}")
+folder = str(work / (f"draft-{draft_vocab}" if algorithm == "eagle3" else f"draft-{algorithm}-{draft_vocab}"))
 config = SpeculatorModelConfig.from_pretrained(folder)
 if not cuda:
     config.transformer_layer_config._attn_implementation = "sdpa"  # no flex attention on a CPU
@@ -468,14 +519,15 @@ row = load_file(str(work / f"row-{seq_len}.safetensors"))
 parts, start = [], 0
 for length in row["lengths"].tolist():
     hs = row["hidden_states"][start : start + length].float()
-    parts.append(shift_batch({
+    part = {
         "input_ids": row["input_ids"][start : start + length],
         "hidden_states": hs[:, :-1].flatten(1),
         "verifier_last_hidden_states": hs[:, -1],
         "loss_mask": row["loss_mask"][start : start + length],
         "lengths": torch.tensor([length]),
         "position_ids": torch.arange(length),
-    }))
+    }
+    parts.append(part if algorithm == "dflash" else shift_batch(part))  # DFlash aligns itself
     start += length
 batch = {}
 for key in ("input_ids", "hidden_states", "verifier_last_hidden_states", "loss_mask", "position_ids"):
@@ -490,15 +542,31 @@ optimizers = build_optimizers(model, SimpleNamespace(optimizer="adamw", lr=1e-4,
 schedulers = [get_linear_schedule_with_warmup(o, num_warmup_steps=1, num_training_steps=100) for o in optimizers]
 # On a CPU the eager KL loss (the default fused one needs Triton); on a GPU upstream's default.
 loss_config = None if cuda else {"kl_div": (kl_div_loss, 1.0)}
+# The parallel drafters train on the elements our side sampled (the same work, the same loss).
+if algorithm == "eagle3":
+    extra = {"ttt_steps": settings["ttt_steps"]}
+else:
+    elements = load_file(str(work / f"elements-{algorithm}-{seq_len}-{draft_vocab}.safetensors"))
+    elements = {k: v.to(device) for k, v in elements.items()}
+if algorithm == "peagle":
+    import speculators.models.peagle.core as peagle_core
+    peagle_core.generate_cod_sample_indices = lambda **_k: (elements["anchors"], elements["depths"])
+    extra = {"num_depths": settings["ttt_steps"]}
+if algorithm == "dflash":
+    import speculators.models.dflash.core as dflash_core
+    anchors = elements["anchors"]
+    dflash_core.select_anchors = lambda *_a, **_k: (anchors, torch.ones_like(anchors, dtype=torch.bool))
+    extra = {"per_position_loss_weight": "dpace", "dpace_alpha": 0.5, "max_anchors": anchors.numel()}
+    loss_config = {"ce": (ce_loss, 1.0)}
 
 def step(b):
     for o in optimizers:
         o.zero_grad()
     if cuda:
         with torch.autocast(device_type="cuda", dtype=torch.bfloat16):
-            _tokens, loss, _metrics = model(**b, ttt_steps=settings["ttt_steps"], loss_config=loss_config)
+            _tokens, loss, _metrics = model(**b, loss_config=loss_config, **extra)
     else:
-        _tokens, loss, _metrics = model(**b, ttt_steps=settings["ttt_steps"], loss_config=loss_config)
+        _tokens, loss, _metrics = model(**b, loss_config=loss_config, **extra)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     for o in optimizers:
@@ -507,7 +575,8 @@ def step(b):
         s.step()
     return float(loss)
 
-result = measure("upstream", model, step, batch, settings["steps"], device)
+side = "upstream" if algorithm == "eagle3" else f"upstream/{algorithm}"
+result = measure(side, model, step, batch, settings["steps"], device)
 result["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
 frozen = [p for p in model.parameters() if not p.requires_grad]
 result["frozen_params"] = sum(p.numel() for p in frozen)
@@ -591,8 +660,8 @@ def main() -> None:
     parser.add_argument(
         "--algorithms",
         default="eagle3",
-        help="eagle3, and the parallel drafters peagle and dflash (ours only: upstream's step "
-        "is compared for eagle3)",
+        help="eagle3, and the parallel drafters peagle and dflash (upstream's step runs on the "
+        "elements ours drew: the same work and loss)",
     )
     opts = parser.parse_args()
 
@@ -616,6 +685,22 @@ def main() -> None:
     sides = [s.strip() for s in opts.sides.split(",") if s.strip()]
     work = Path(opts.work) if opts.work else Path(tempfile.mkdtemp(prefix="bench-scale-"))
     work.mkdir(parents=True, exist_ok=True)
+    try:
+        _run_all(opts, shape, seq_lens, draft_vocabs, sides, work)
+    finally:
+        if not opts.work:  # drafts at 8B shapes take gigabytes each
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _run_all(
+    opts: argparse.Namespace,
+    shape: dict[str, Any],
+    seq_lens: list[int],
+    draft_vocabs: list[int],
+    sides: list[str],
+    work: Path,
+) -> None:
+    """Prepare, run every configuration and side, report."""
     settings = {
         "shape": shape,
         "seq_lens": seq_lens,
@@ -641,7 +726,7 @@ def main() -> None:
     results: list[dict[str, Any]] = []
     for draft_vocab in draft_vocabs:
         for seq_len in seq_lens:
-            for side in sides:
+            for side in sides if "eagle3" in settings["algorithms"] else []:
                 label = f"{side}: rows of {seq_len}, draft vocab {draft_vocab}"
                 if side == "ours":
                     command = [
@@ -678,6 +763,14 @@ def main() -> None:
                 if got:
                     got.update(seq_len=seq_len, draft_vocab=draft_vocab)
                     results.append(got)
+                if got and "upstream" in sides:  # upstream's step on the elements ours drew
+                    command = [opts.upstream_python, "-c", UPSTREAM_CHILD, str(work),
+                               str(seq_len), str(draft_vocab), algorithm]  # fmt: skip
+                    label = f"upstream/{algorithm}: rows of {seq_len}, draft vocab {draft_vocab}"
+                    got = _run(command, label)
+                    if got:
+                        got.update(seq_len=seq_len, draft_vocab=draft_vocab)
+                        results.append(got)
             if opts.fsdp_procs > 1:
                 command = [
                     sys.executable,
@@ -753,15 +846,18 @@ def report(
 
     print()
     for (side, seq_len, vocab), ours in sorted(by_key.items()):
-        for other in ("upstream", MMAP_SIDE):
+        if not side.startswith("ours") or " x" in side:
+            continue
+        algorithm = side.removeprefix("ours")  # "" or "/peagle", "/dflash"
+        for other in (f"upstream{algorithm}", f"{MMAP_SIDE}{algorithm}"):
             up = by_key.get((other, seq_len, vocab))
-            if side != "ours" or not up:
+            if not up:
                 continue
             agree = abs(ours["first_loss"] - up["first_loss"]) <= 1e-3 * max(
                 1.0, abs(up["first_loss"])
             )
             print(
-                f"rows {seq_len}, draft vocab {vocab}: ours / {other} peak memory "
+                f"rows {seq_len}, draft vocab {vocab}: {side} / {other} peak memory "
                 f"{ours['peak'] / up['peak']:.2f}x (goal <= 0.70x), step time {ours['seconds'] / up['seconds']:.2f}x; "
                 f"first losses {ours['first_loss']:.4f} vs {up['first_loss']:.4f} "
                 f"({'identical' if agree else 'DIFFERENT: not the same configuration'})"
