@@ -348,9 +348,6 @@ def child_ours(
         )
     else:
         model.configure_training(noise_std=0.0, attn_implementation=implementation)
-    if algorithm != "eagle3":
-        torch.manual_seed(0)
-        _fix_elements(work / f"elements-{algorithm}-{seq_len}-{draft_vocab}.safetensors", algorithm)
     model.compact_frozen_parts()  # what our Trainer does (without FSDP)
     model.to(device)
     model.train()
@@ -362,6 +359,10 @@ def child_ours(
     batch = collate_rows([pieces], source, seq_len, feature)
     batch = {k: v.to(device) for k, v in batch.items()}
     del row, samples, source
+    if algorithm != "eagle3":
+        torch.manual_seed(0)
+        elements = work / f"elements-{algorithm}-{seq_len}-{draft_vocab}.safetensors"
+        _fix_elements(elements, algorithm, model, batch)
     args = TrainingArguments(learning_rate=1e-4, weight_decay=0.01)
     opt = build_optimizer(model, args)
     sched = build_scheduler(opt, args, 100)
@@ -389,43 +390,63 @@ def child_ours(
     return result
 
 
-def _fix_elements(path: Path, algorithm: str) -> None:
-    """Our sampler's first draw (P-EAGLE's COD elements, DFlash's anchors), reused at every step
-    and written to ``path``, where upstream's side reads it: both train on the same elements."""
+def _fix_elements(path: Path, algorithm: str, model: Any, batch: dict[str, Any]) -> None:
+    """Our sampler's draw (P-EAGLE's COD elements, DFlash's anchors) for the one-row ``batch``,
+    reused at every step and written to ``path``, where upstream's side reads it: both train
+    on the same elements. Only elements both score the same way are kept: P-EAGLE's whose
+    target lies in the anchor's document (upstream scores across documents, ours does not),
+    with their indices in upstream's rows as well (``upstream_anchors``); DFlash's anchors
+    outside a row's last block (upstream would index past the row)."""
     from safetensors.torch import save_file
-
-    drawn: dict[str, Any] = {}
-
-    def keep(**tensors: Any) -> None:
-        drawn.update(tensors)
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path))
 
     if algorithm == "peagle":
         import speculators_eagle3.peagle as peagle
+        from speculators_eagle3.alignment import align_batch
 
-        sample = peagle.cod_sample
-
-        def fixed_elements(*args: Any, **kwargs: Any) -> Any:
-            if not drawn:
-                anchors, depths = sample(*args, **kwargs)
-                keep(anchors=anchors, depths=depths)
-            return drawn["anchors"], drawn["depths"]
-
-        peagle.cod_sample = fixed_elements
+        keys = ("input_ids", "hidden_states", "loss_mask", "position_ids", "document_ids")
+        aligned = align_batch(*(batch[k] for k in keys))
+        docs = aligned.document_ids[0]
+        length = int((docs >= 0).nonzero().max()) + 1  # the model trims the padding after it
+        docs = docs[:length]
+        anchors, depths = peagle.cod_sample(
+            aligned.loss_mask[0, :length].bool() & (docs >= 0),
+            num_depths=model.num_depths,
+            ratio=model.down_sample_ratio,
+            ratio_min=model.down_sample_ratio_min,
+            max_anchors=model.max_anchors,
+        )
+        target = anchors + depths
+        keep = (
+            (docs[anchors] >= 0)  # not a document's last index (no next token to score)
+            & (target < length)
+            & (docs[target.clamp(max=length - 1)] == docs[anchors])
+        )
+        anchors, depths = anchors[keep], depths[keep]
+        # Upstream's rows lose each document's last index (its shift_batch drops it), so an
+        # index moves left by the number of documents before it.
+        dropped = (docs < 0).long().cumsum(0)
+        elements = {
+            "anchors": anchors,
+            "depths": depths,
+            "upstream_anchors": anchors - dropped[anchors],
+        }
+        peagle.cod_sample = lambda *_a, **_k: (elements["anchors"], elements["depths"])
     elif algorithm == "dflash":
         from speculators_dflash.model import DFlashDraftModel
 
         choose = DFlashDraftModel.choose_anchors
+        elements = {}
 
         def fixed_anchors(self: Any, loss_mask: Any, *args: Any) -> Any:
-            if not drawn:
+            if not elements:
                 anchors = choose(self, loss_mask, *args)
-                # Upstream never anchors in a row's last block_size positions (it would index
-                # past the row); ours may. Only anchors both can train on.
-                keep(anchors=anchors[anchors < loss_mask.shape[0] - self.config.block_size])
-            return drawn["anchors"]
+                elements["anchors"] = anchors[anchors < loss_mask.shape[0] - self.config.block_size]
+                save_file({"anchors": elements["anchors"].cpu().contiguous()}, str(path))
+            return elements["anchors"]
 
         DFlashDraftModel.choose_anchors = fixed_anchors
+        return
+    save_file({k: v.detach().cpu().contiguous() for k, v in elements.items()}, str(path))
 
 
 def child_fsdp(work: Path, seq_len: int, draft_vocab: int) -> dict[str, Any]:
@@ -550,7 +571,7 @@ else:
     elements = {k: v.to(device) for k, v in elements.items()}
 if algorithm == "peagle":
     import speculators.models.peagle.core as peagle_core
-    peagle_core.generate_cod_sample_indices = lambda **_k: (elements["anchors"], elements["depths"])
+    peagle_core.generate_cod_sample_indices = lambda **_k: (elements["upstream_anchors"], elements["depths"])
     extra = {"num_depths": settings["ttt_steps"]}
 if algorithm == "dflash":
     import speculators.models.dflash.core as dflash_core

@@ -61,23 +61,23 @@ def test_gpu_check_dry_runs_every_step(tmp_path: Path) -> None:
     scale = json.loads((out / "scale.json").read_text())
     results = scale["results"]
     sides = {(r["side"], r["seq_len"]) for r in results}
-    everyone = ("ours", "upstream", "ours/peagle", "ours/dflash")
+    algorithms = ("", "/peagle", "/dflash")
+    everyone = [f"{side}{a}" for a in algorithms for side in ("ours", "upstream")]
     assert sides == {(s, n) for s in everyone for n in (64, 128)}, sides
     for seq_len in (64, 128):
-        ours, up = (
-            next(r for r in results if r["side"] == side and r["seq_len"] == seq_len)
-            for side in ("ours", "upstream")
-        )
-        # Same initial weights, same batch, same objective: the same first loss.
-        assert math.isclose(ours["first_loss"], up["first_loss"], rel_tol=1e-4), (ours, up)
-        for r in (ours, up):
-            assert r["times"] and all(t > 0 for t in r["times"])
-            assert r["peak_rss_mb"] >= r["loaded_rss_mb"] > 0
-    for r in results:
-        if r["side"].startswith("ours/"):  # the parallel drafters' steps ran and measured
-            assert r["times"] and all(t > 0 for t in r["times"]) and r["trainable_params"] > 0
-            assert r["first_loss"] == r["first_loss"]  # not NaN
+        for algorithm in algorithms:
+            ours, up = (
+                next(r for r in results if r["side"] == side and r["seq_len"] == seq_len)
+                for side in (f"ours{algorithm}", f"upstream{algorithm}")
+            )
+            # Same initial weights, batch, objective (and elements): the same first loss.
+            assert math.isclose(ours["first_loss"], up["first_loss"], rel_tol=1e-4), (ours, up)
+            for r in (ours, up):
+                assert r["times"] and all(t > 0 for t in r["times"])
+                assert r["peak_rss_mb"] >= r["loaded_rss_mb"] > 0
+                assert r["trainable_params"] > 0
     assert "ours / upstream peak memory" in log
+    assert "ours/dflash / upstream/dflash peak memory" in log
 
     fsdp = json.loads((out / "fsdp.json").read_text())["results"]
     assert [r["world_size"] for r in fsdp] == [2, 2], fsdp
