@@ -38,6 +38,7 @@ from torch import nn
 
 from speculators_core import SpeculatorsError, TrainingStepOutput
 from speculators_core.drafting import DraftProposal
+from speculators_core.head_loss import head_objective
 from speculators_core.modeling import KVCache, select_attention_implementation
 from speculators_core.objectives import TargetDistribution
 from speculators_eagle3.config import PEagleSpeculatorConfig
@@ -338,7 +339,7 @@ class PEagleDraftModel(Eagle3DraftModel):
         implementation = select_attention_implementation(self.attn_implementation, aux.device)
         if implementation == "flex":
             implementation = "sdpa"  # the element mask is dense; flex would need a block mask
-        logits_all: list[torch.Tensor] = []
+        states_all: list[torch.Tensor] = []
         targets_all: list[torch.Tensor] = []
         depth_all: list[torch.Tensor] = []
         anchor_key: list[torch.Tensor] = []
@@ -365,21 +366,33 @@ class PEagleDraftModel(Eagle3DraftModel):
                 & loss_mask[row, clamped].bool()
             )
             picked = scored.nonzero().squeeze(1)
-            logits_all.append(self.lm_head(self.norm(h[picked])))  # [N_r, Vd]
-            targets_all.append(self.verifier_logits(last[row, target_index[picked]]))
+            states_all.append(self.norm(h[picked]))  # [N_r, H]
+            targets_all.append(last[row, target_index[picked]])  # [N_r, Ht]
             depth_all.append(depths[picked])
             # (row, anchor) identifies a chain across the rows of the batch
             anchor_key.append(anchors[picked] + row * docs.shape[0])
-        logits = torch.cat(logits_all)
-        targets = TargetDistribution.from_logits(torch.cat(targets_all))
+        states = torch.cat(states_all)
+        self._require_verifier_parts()
+        targets = TargetDistribution.from_head(  # a chunk of rows at a time
+            torch.cat(targets_all),
+            lambda rows: self.verifier_lm_head(self.verifier_norm(rows)),
+            self.config.draft_vocab_size,
+        )
         depths = torch.cat(depth_all)
-        per_element = self.objective(logits, targets)  # [N]
-        count = torch.tensor(float(per_element.numel()), device=logits.device)
+        if self.lm_head.weight.requires_grad:  # a trainable head: score its logits
+            logits = self.lm_head(states)  # [N, Vd]
+            per_element = self.objective(logits, targets)  # [N]
+            predicted = logits.detach().argmax(dim=-1)
+        else:  # a frozen head: no [N, Vd] logits kept for the backward pass
+            per_element, predicted = head_objective(
+                states, self.lm_head.weight, self.objective.plain, targets
+            )
+        count = torch.tensor(float(per_element.numel()), device=states.device)
         loss = per_element.sum() / count.clamp(min=1)
         return TrainingStepOutput(
             loss=loss,
             **_depth_metrics(
-                logits, targets.ids, depths, torch.cat(anchor_key), per_element, self.num_depths
+                predicted, targets.ids, depths, torch.cat(anchor_key), per_element, self.num_depths
             ),
         )
 
@@ -389,7 +402,7 @@ class PEagleDraftModel(Eagle3DraftModel):
 
 
 def _depth_metrics(
-    logits: torch.Tensor,
+    predicted: torch.Tensor,
     target_ids: torch.Tensor,
     depths: torch.Tensor,
     anchors: torch.Tensor,
@@ -404,7 +417,7 @@ def _depth_metrics(
     was not scored counts as wrong.
     """
     with torch.no_grad():
-        correct = logits.argmax(dim=-1) == target_ids  # [N]
+        correct = predicted == target_ids  # [N]: the draft's argmax is the verifier's
         metrics: dict[str, torch.Tensor] = {}
         weights: dict[str, torch.Tensor] = {}
         survivors: torch.Tensor | None = None
@@ -427,7 +440,7 @@ def _depth_metrics(
             metrics[f"cond_acc_{depth}"] = full.sum() / previous.sum().clamp(min=1)
             weights[f"cond_acc_{depth}"] = previous.sum()
         metrics["loss"] = (
-            per_element.mean().detach() if per_element.numel() else logits.new_zeros(())
+            per_element.mean().detach() if per_element.numel() else per_element.new_zeros(())
         )
         weights["loss"] = torch.tensor(float(per_element.numel()))
     return {"metrics": metrics, "weights": weights}

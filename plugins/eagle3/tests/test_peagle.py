@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from pathlib import Path
@@ -209,6 +210,49 @@ def test_training_moves_every_trained_weight(tiny_verifier: Path, verifier_model
     mask_row = model.embed_tokens.weight.grad[model.config.mask_token_id]
     assert mask_row.abs().sum() > 0  # the mask token's embedding learns
     assert model.lm_head.weight.grad is None  # frozen, as upstream
+
+
+@pytest.mark.parametrize("objective", ["kl", "kl=0.6,tv=0.4"])
+def test_frozen_head_loss_equals_scoring_the_logits(
+    tiny_verifier: Path, verifier_model: Any, monkeypatch: pytest.MonkeyPatch, objective: str
+) -> None:
+    """A frozen LM head scores the elements' states through the head chunk by chunk
+    (``head_objective``); a trainable one scores whole logits: the same loss, metrics and
+    gradients of every other weight."""
+    import speculators_core.head_loss as head_loss
+
+    monkeypatch.setattr(head_loss, "HEAD_CHUNK_ELEMENTS", 5 * 256)  # chunks of a few rows
+    frozen = perturbed(
+        PEagleDraftModel.from_verifier(
+            tiny_verifier, aux_layer_ids=AUX_IDS, noise_std=0.0, objective=objective
+        ),
+        8,
+    )
+    trained = copy.deepcopy(frozen)
+    trained.configure_training(train_lm_head=True)
+    batch = pack_rows(random_samples(verifier_model, STATES, [12, 9], seed=9), 21)
+    torch.manual_seed(3)
+    aligned = align_batch(**batch)
+    docs = aligned.document_ids[0]
+    used = int((docs >= 0).nonzero().max()) + 1  # the step trims the padding after this
+    mask = aligned.loss_mask[0, :used].bool() & (docs[:used] >= 0)
+    elements = cod_sample(mask, num_depths=3)
+    monkeypatch.setattr(peagle, "cod_sample", lambda *args, **kwargs: elements)
+    results = []
+    for model in (frozen, trained):
+        out = model.training_step(batch)
+        out.loss.backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        results.append((out, grads))
+    (a, grads_a), (b, grads_b) = results
+    assert a.loss.item() == pytest.approx(b.loss.item(), rel=1e-5)
+    assert a.metrics.keys() == b.metrics.keys()
+    for key in a.metrics:
+        assert a.metrics[key].item() == pytest.approx(b.metrics[key].item(), rel=1e-5, abs=1e-6)
+    del grads_b["lm_head.weight"]
+    assert grads_a.keys() == grads_b.keys() and len(grads_a) > 5
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-4, atol=1e-6)
 
 
 # ------------------------------------------------------------------ format, check, vLLM
