@@ -8,19 +8,26 @@ states, one packed row of ``--seq-lens`` tokens per step (2,048 and 8,192 by def
 
 Each configuration runs in fresh processes, one side at a time, so peak memory is per side:
 
-1. ``ours``: the EAGLE-3 plugin's ``training_step`` + backward + gradient clipping + AdamW;
+1. ``ours``: the EAGLE-3 plugin's ``training_step`` + backward + gradient clipping + AdamW,
+   with what our ``Trainer`` does around it (``compact_frozen_parts``, on a CPU
+   ``return_freed_memory_to_os``; AdamW's fused kernel is ``build_optimizer``'s default);
 2. ``upstream``: upstream ``speculators==0.9.0`` (its own venv, or any Python that imports it,
    ``--upstream-python``): its ``Eagle3DraftModel.forward`` (SDPA attention and its eager KL
    loss on a CPU; its defaults on a GPU) + backward + clipping + the AdamW of its
    ``build_optimizers``, on the same batch from the same initial weights (the first losses
-   must agree: the script prints both).
+   must agree: the script prints both);
+3. ``upstream-mmap`` (asked for with ``--sides``): upstream with our trainer's allocator setting.
+
+``--algorithms peagle,dflash`` adds the parallel drafters: ours and upstream's P-EAGLE and
+DFlash steps, upstream's on the COD elements / anchors our side drew (so both do the same work
+and their first losses agree).
 
 Reported per side: seconds per step, tokens/s, the resident memory once the model is loaded,
 and the step's peak (on a CPU the process's peak resident memory, reset after loading through
 ``/proc/self/clear_refs`` where the kernel allows it; on a GPU ``torch.cuda.max_memory_allocated``),
 and on a GPU the model FLOP utilisation (``--peak-tflops``). An analytic breakdown says what the
 peak is made of: weights, gradients and AdamW's two moments of the trainable parameters, the
-frozen embedding, and what the step's activations add, with the logits tensors
+frozen tensors as stored, and what the step's activations add, with the logits tensors
 (``rows x draft vocabulary x 4 bytes`` per TTT step) named since they grow with both row length
 and vocabulary.
 
