@@ -34,6 +34,36 @@ __all__ = ["HEAD_CHUNK_ELEMENTS", "head_objective"]
 HEAD_CHUNK_ELEMENTS = 1 << 23
 
 
+def _scan(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    objective: ObjectiveFunction,
+    target: TargetDistribution,
+    index: torch.Tensor | None,
+    chunk_rows: int,
+    *,
+    grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Per-row loss and argmax of ``objective(hidden @ weight.T, target)``, a chunk of rows at a
+    time, and with ``grad`` the ``[N, H]`` gradient of ``sum(loss)`` with respect to ``hidden``."""
+    rows = hidden.shape[0]
+    values = torch.empty(rows, dtype=torch.float32, device=hidden.device)
+    argmax = torch.empty(rows, dtype=torch.long, device=hidden.device)
+    grad_hidden = torch.empty_like(hidden) if grad else None
+    for start in range(0, rows, chunk_rows):
+        end = min(start + chunk_rows, rows)
+        part = target.rows(start, end) if index is None else target.take(index[start:end])
+        with torch.set_grad_enabled(grad):
+            logits = F.linear(hidden[start:end].detach(), weight).requires_grad_(grad)
+            value = objective(logits, part)  # [n]
+            if grad_hidden is not None:
+                (grad_logits,) = torch.autograd.grad(value.sum(), logits)
+                grad_hidden[start:end] = grad_logits.to(weight.dtype) @ weight
+        values[start:end] = value.detach()
+        argmax[start:end] = logits.detach().argmax(dim=-1)
+    return values, argmax, grad_hidden
+
+
 class _HeadObjective(torch.autograd.Function):
     """Per-row ``objective(hidden @ weight.T, target)`` and its argmax; keeps ``[N, H]``."""
 
@@ -47,20 +77,9 @@ class _HeadObjective(torch.autograd.Function):
         index: torch.Tensor | None,
         chunk_rows: int,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = hidden.shape[0]
-        values = torch.empty(rows, dtype=torch.float32, device=hidden.device)
-        argmax = torch.empty(rows, dtype=torch.long, device=hidden.device)
-        grad_hidden = torch.empty_like(hidden)
-        for start in range(0, rows, chunk_rows):
-            end = min(start + chunk_rows, rows)
-            part = target.rows(start, end) if index is None else target.take(index[start:end])
-            with torch.enable_grad():
-                logits = F.linear(hidden[start:end].detach(), weight).requires_grad_(True)
-                value = objective(logits, part)  # [n]
-                (grad_logits,) = torch.autograd.grad(value.sum(), logits)
-            values[start:end] = value.detach()
-            argmax[start:end] = logits.detach().argmax(dim=-1)
-            grad_hidden[start:end] = grad_logits.to(weight.dtype) @ weight
+        values, argmax, grad_hidden = _scan(
+            hidden, weight, objective, target, index, chunk_rows, grad=True
+        )
         ctx.save_for_backward(grad_hidden)
         ctx.mark_non_differentiable(argmax)
         return values, argmax
@@ -102,14 +121,5 @@ def head_objective(
     if hidden.requires_grad and torch.is_grad_enabled():
         values, argmax = _HeadObjective.apply(hidden, weight, objective, target, index, chunk_rows)
         return values, argmax
-    values_parts, argmax_parts = [], []
-    for start in range(0, hidden.shape[0], chunk_rows):
-        end = min(start + chunk_rows, hidden.shape[0])
-        part = target.rows(start, end) if index is None else target.take(index[start:end])
-        logits = F.linear(hidden[start:end], weight)
-        values_parts.append(objective(logits, part))
-        argmax_parts.append(logits.argmax(dim=-1))
-    if not values_parts:
-        empty = hidden.new_zeros(0, dtype=torch.float32)
-        return empty, torch.zeros(0, dtype=torch.long, device=hidden.device)
-    return torch.cat(values_parts), torch.cat(argmax_parts)
+    values, argmax, _ = _scan(hidden, weight, objective, target, index, chunk_rows, grad=False)
+    return values, argmax

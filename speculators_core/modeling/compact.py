@@ -48,14 +48,13 @@ def compact_frozen(
         return 0
     flat = param.data.reshape(param.shape[0], -1) if param.dim() > 0 else param.data.reshape(1, 1)
     rows = max(1, _BLOCK_ELEMENTS // max(1, flat.shape[1]))
-    for start in range(0, flat.shape[0], rows):
-        block = flat[start : start + rows]
-        if not torch.equal(block.to(dtype).to(block.dtype), block):
-            return 0
     narrow = torch.empty(param.shape, dtype=dtype, device=param.device)
     narrow_flat = narrow.reshape(flat.shape)
-    for start in range(0, flat.shape[0], rows):
-        narrow_flat[start : start + rows] = flat[start : start + rows]
+    for start in range(0, flat.shape[0], rows):  # one pass: copy a block, then check it
+        block, copy = flat[start : start + rows], narrow_flat[start : start + rows]
+        copy.copy_(block)
+        if not torch.equal(copy.to(block.dtype), block):
+            return 0
     saved = param.numel() * (param.element_size() - narrow.element_size())
     setattr(module, name, nn.Parameter(narrow, requires_grad=False))
     if param.device.type == "cpu":

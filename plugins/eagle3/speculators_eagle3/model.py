@@ -528,10 +528,10 @@ class Eagle3DraftModel(DraftVocabularyMixin, HiddenStateDraftModel):  # type: ig
         )
         # Logits and targets only where the loss or the metrics read them (see TTTLossPlan).
         plan = plan_ttt_loss(document_ids, loss_mask, self.ttt_steps)
-        self._require_verifier_parts()
+        self._require_verifier_parts()  # also when no row is scored
         target = TargetDistribution.from_head(  # [U, Vd], a chunk of rows at a time
             last.flatten(0, 1)[plan.target_rows],
-            lambda rows: self.verifier_lm_head(self.verifier_norm(rows)),
+            self.verifier_logits,
             self.config.draft_vocab_size,
         )
         decay, objective = self.ttt_step_loss_decay, self.objective

@@ -372,10 +372,10 @@ class PEagleDraftModel(Eagle3DraftModel):
             # (row, anchor) identifies a chain across the rows of the batch
             anchor_key.append(anchors[picked] + row * docs.shape[0])
         states = torch.cat(states_all)
-        self._require_verifier_parts()
+        self._require_verifier_parts()  # also when no row is scored
         targets = TargetDistribution.from_head(  # a chunk of rows at a time
             torch.cat(targets_all),
-            lambda rows: self.verifier_lm_head(self.verifier_norm(rows)),
+            self.verifier_logits,
             self.config.draft_vocab_size,
         )
         depths = torch.cat(depth_all)
